@@ -1,0 +1,76 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// Online softmax over K/V tiles (FlashAttention's rescaling). Each thread owns
+// kRows accumulator rows; the running max is kept in raw score units and
+// folded with softmax_scale * log2(e) so that every exponential is one exp2
+// of one FFMA: exp(scale * (s - m)) = exp2(s * scale_log2 - m * scale_log2).
+#pragma once
+
+#include <cmath>
+
+#include "../cute_utils.h"
+
+namespace jax_flash::fwd {
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];  // this thread's partial sum; quad-reduced in finalize()
+
+  // A row that has seen only masked scores has max -inf. Using 0 as its
+  // offset keeps exp2(-inf - offset) = 0 instead of exp2(-inf + inf) = NaN.
+  __device__ __forceinline__ static float scaled_offset(float max, float scale_log2) {
+    return max == -INFINITY ? 0.f : max * scale_log2;
+  }
+
+  // scores: (rows, cols) view of S for the current K/V tile, raw q.k values
+  // (masked entries -inf). acc_o: (rows, cols) view of the O accumulator.
+  // On return, scores holds the unnormalised probabilities of this tile.
+  template <bool kFirst, typename TS, typename TO>
+  __device__ __forceinline__ void update(TS& scores, TO& acc_o, float scale_log2) {
+    static_assert(decltype(size<0>(scores))::value == kRows);
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float m = kFirst ? -INFINITY : row_max[r];
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
+      m = quad_allreduce(m, MaxOp{});
+      const float offset = scaled_offset(m, scale_log2);
+      if (!kFirst) {
+        // Old contributions were exponentiated against the old max.
+        // -inf old max (nothing seen yet): exp2(-inf) = 0 and the sums are 0.
+        const float rescale = exp2f(row_max[r] * scale_log2 - offset);
+        row_sum[r] *= rescale;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= rescale;
+      }
+      row_max[r] = m;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const float p = exp2f(scores(r, c) * scale_log2 - offset);
+        scores(r, c) = p;
+        sum += p;
+      }
+      row_sum[r] = kFirst ? sum : row_sum[r] + sum;
+    }
+  }
+
+  // Normalises acc_o in place and returns each row's log-sum-exp (natural
+  // log, of the scaled scores). A row with no visible key has sum 0: its
+  // output stays 0 (never 0/0) and its LSE is +inf, as FlashAttention defines.
+  template <typename TO>
+  __device__ __forceinline__ void finalize(TO& acc_o, float scale, float (&lse)[kRows]) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const float sum = quad_allreduce(row_sum[r], SumOp{});
+      const bool empty = sum == 0.f || sum != sum;
+      const float inv = empty ? 0.f : 1.f / sum;
+      lse[r] = empty ? INFINITY : row_max[r] * scale + logf(sum);
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= inv;
+    }
+  }
+};
+
+}  // namespace jax_flash::fwd

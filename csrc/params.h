@@ -1,0 +1,73 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// The one parameter struct every attention kernel reads. Plain data, shared by
+// host (the FFI handlers fill it) and device (kernels read it by value).
+// Sizes are in elements, strides in elements, pointers are device pointers.
+//
+// Fields for features that later kernels implement (varlen, paged K/V,
+// softcap, ALiBi, dropout, split-KV) are already here so that the block-offset
+// logic in block_info.h has one shape for all of them; a kernel that does not
+// implement a feature requires the field to hold its "off" value, and the
+// handler guarantees that.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_flash {
+
+struct AttnParams {
+  // ---- Tensors -------------------------------------------------------------
+  // q: (batch, seqlen_q, nheads, head_dim)      [fixed-length layout]
+  //    (total_q, nheads, head_dim)              [varlen layout, cu_seqlens_q]
+  // k, v: same with seqlen_k / nheads_k.
+  // o: q's layout. lse: (batch, nheads, seqlen_q) float32, natural log.
+  const void* __restrict__ q_ptr = nullptr;
+  const void* __restrict__ k_ptr = nullptr;
+  const void* __restrict__ v_ptr = nullptr;
+  void* __restrict__ o_ptr = nullptr;
+  float* __restrict__ lse_ptr = nullptr;
+
+  // Element strides. batch_stride is unused in varlen mode (rows are indexed
+  // through cu_seqlens instead).
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+
+  // ---- Sizes ---------------------------------------------------------------
+  int batch = 0;
+  int seqlen_q = 0;        // max over the batch in varlen mode
+  int seqlen_k = 0;        // max over the batch in varlen mode
+  int nheads = 0;
+  int nheads_k = 0;
+  int head_dim = 0;        // actual head dim (multiple of 8, <= kernel's)
+  int h_per_hk = 1;        // nheads / nheads_k: query heads sharing a K/V head
+
+  // ---- Score modifiers -----------------------------------------------------
+  float softmax_scale = 1.f;       // multiplies q.k
+  float softmax_scale_log2 = 1.f;  // softmax_scale * log2(e): exp(x*s) = exp2(x*s*log2e)
+  // Local window in key positions relative to the bottom-right aligned
+  // diagonal (i + seqlen_k - seqlen_q). < 0 means unbounded on that side.
+  // causal is window_right = 0.
+  int window_left = -1;
+  int window_right = -1;
+  float softcap = 0.f;                    // 0: off            [score-modifier issue]
+  const float* alibi_slopes_ptr = nullptr;  // (batch?, nheads)  [score-modifier issue]
+  int64_t alibi_batch_stride = 0;
+  float dropout_p = 0.f;                  // probability to drop [score-modifier issue]
+  uint64_t rng_seed = 0, rng_offset = 0;
+
+  // ---- Variable length / paged K/V / decoding ---------------------------
+  // Prefix sums of sequence lengths, (batch + 1,) int32; nullptr: fixed length.
+  const int* __restrict__ cu_seqlens_q = nullptr;
+  const int* __restrict__ cu_seqlens_k = nullptr;
+  // Per-batch number of valid keys (kv cache); nullptr: use cu_seqlens/seqlen_k.
+  const int* __restrict__ seqused_k = nullptr;
+  // Paged K/V: (batch, max_pages) int32 page table; nullptr: contiguous K/V.
+  const int* __restrict__ block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int page_size = 0;
+  int num_splits = 1;  // split-KV decoding: > 1 writes partial O/LSE to accumulators
+};
+
+}  // namespace jax_flash

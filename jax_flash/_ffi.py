@@ -1,0 +1,53 @@
+"""Loads the compiled extension and registers its XLA FFI targets, once.
+
+The extension is optional at import time: a CPU-only install has none, and the
+public functions then run `jax_flash.reference`. On a GPU backend a missing or
+broken extension is an error (`kernels_or_raise`), never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+try:
+    from jax_flash import _C
+except ImportError as e:  # CPU-only install, or a broken build
+    _C = None
+    _IMPORT_ERROR: ImportError | None = e
+else:
+    _IMPORT_ERROR = None
+
+
+def has_kernels() -> bool:
+    """Whether this install carries the compiled CUDA kernels."""
+    return _C is not None
+
+
+def on_gpu() -> bool:
+    """Whether JAX's default backend is a CUDA GPU (where our kernels run)."""
+    return jax.default_backend() == "gpu"
+
+
+@functools.cache
+def compiled_head_dims() -> tuple[int, ...]:
+    """Head dims with a compiled kernel (empty without the extension)."""
+    return tuple(_C.compiled_head_dims()) if _C is not None else ()
+
+
+@functools.cache
+def _register() -> None:
+    for name, capsule in _C.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+
+
+def kernels_or_raise() -> None:
+    """Registers the FFI targets, or explains why there are none."""
+    if _C is None:
+        raise RuntimeError(
+            "jax_flash: JAX runs on a GPU but the jax_flash CUDA extension is not "
+            "available (was the package built with JAX_FLASH_BUILD_CUDA=OFF, or "
+            f"without nvcc?). Import error: {_IMPORT_ERROR}"
+        )
+    _register()

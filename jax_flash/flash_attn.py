@@ -1,0 +1,254 @@
+"""FlashAttention-2's Python interface in JAX form.
+
+Validation happens here, in Python, before anything is traced into a kernel:
+bad input raises `TypeError`/`ValueError` naming the argument, what was
+expected and what arrived.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flash import _ffi, reference
+
+_SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+class _Static(NamedTuple):
+    """Hashable static options of one attention call (custom_vjp nondiff)."""
+
+    softmax_scale: float
+    window_left: int
+    window_right: int
+
+
+# ---- Validation -------------------------------------------------------------
+
+
+def _shape_str(x) -> str:
+    return str(tuple(x.shape))
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be a JAX array, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} must have rank 4 (batch, seqlen, nheads, headdim), "
+                f"got shape {_shape_str(x)}"
+            )
+        if x.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    batch, _, nheads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape (batch, seqlen_k, nheads_k, headdim), "
+            f"got k {_shape_str(k)} and v {_shape_str(v)}"
+        )
+    if k.shape[0] != batch:
+        raise ValueError(f"k must have batch {batch} like q, got k {_shape_str(k)}")
+    if k.shape[3] != head_dim:
+        raise ValueError(
+            f"k and v must have headdim {head_dim} like q {_shape_str(q)}, got k {_shape_str(k)}"
+        )
+    nheads_k = k.shape[2]
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(
+            f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k})"
+        )
+    if head_dim > MAX_HEAD_DIM or head_dim < 1:
+        raise ValueError(f"headdim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def _check_window(window_size, causal: bool) -> tuple[int, int]:
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"window_size must be a pair of ints (left, right), got {window_size!r}"
+        ) from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    if causal:
+        right = 0  # causal is the window with nothing to the right of the diagonal
+    return left, right
+
+
+def _check_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale!r}")
+    return scale
+
+
+def _not_yet(name: str, value, issue: str) -> None:
+    raise NotImplementedError(
+        f"jax_flash.flash_attn_func: {name}={value!r} is not implemented yet ({issue})"
+    )
+
+
+# ---- Kernel path ------------------------------------------------------------
+
+
+def _kernel_head_dim(head_dim: int) -> int:
+    """Head dim the kernel sees: the next multiple of 8 (padded in Python)."""
+    padded = -(-head_dim // 8) * 8
+    compiled = _ffi.compiled_head_dims()
+    if not any(c >= padded for c in compiled):
+        raise ValueError(
+            f"headdim {head_dim} has no compiled kernel in this build "
+            f"(compiled head dims: {list(compiled)}; rebuild with JAX_FLASH_HEADDIMS)"
+        )
+    return padded
+
+
+def _fwd_kernel(q, k, v, static: _Static):
+    """(out, lse) from our CUDA kernel; q/k/v are (..., seqlen, heads, d)."""
+    head_dim = q.shape[-1]
+    kernel_dim = _kernel_head_dim(head_dim)
+    if kernel_dim != head_dim:
+        # Zero columns add nothing to q.k and produce zero output columns.
+        pad = [(0, 0)] * (q.ndim - 1) + [(0, kernel_dim - head_dim)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    *lead, seqlen_q, nheads, _ = q.shape
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),
+    )
+    out, lse = jax.ffi.ffi_call(
+        "jax_flash_fwd",
+        out_types,
+        # Extra leading (vmapped) dims fold into the kernel's batch.
+        vmap_method="broadcast_all",
+    )(
+        q,
+        k,
+        v,
+        softmax_scale=np.float32(static.softmax_scale),
+        window_left=np.int32(static.window_left),
+        window_right=np.int32(static.window_right),
+    )
+    return out[..., :head_dim], lse
+
+
+def _reference(q, k, v, static: _Static):
+    return reference.attention_ref(
+        q,
+        k,
+        v,
+        softmax_scale=static.softmax_scale,
+        window_size=(static.window_left, static.window_right),
+        upcast=True,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_gpu(q, k, v, static: _Static):
+    return _fwd_kernel(q, k, v, static)
+
+
+def _attention_gpu_fwd(q, k, v, static):
+    out, lse = _fwd_kernel(q, k, v, static)
+    return (out, lse), (q, k, v)
+
+
+def _attention_gpu_bwd(static, residuals, cotangents):
+    # Interim backward: the gradient of the plain-JAX reference, recomputed
+    # from q, k, v (memory quadratic in seqlen). The LSE output is not
+    # differentiable; its cotangent is ignored.
+    q, k, v = residuals
+    d_out, _ = cotangents
+    _, vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, static)[0], q, k, v)
+    return vjp(d_out.astype(q.dtype))
+
+
+_attention_gpu.defvjp(_attention_gpu_fwd, _attention_gpu_bwd)
+
+
+# ---- Public API -------------------------------------------------------------
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes=None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    dropout_key=None,
+):
+    """Exact attention softmax(q k^T * scale) v, FlashAttention-2 style.
+
+    On a CUDA GPU this runs jax_flash's own kernels through an XLA FFI custom
+    call; on any other backend it runs `jax_flash.reference.attention_ref`.
+    Works under `jax.jit` and `jax.vmap` (extra leading dims fold into the
+    kernel's batch).
+
+    Args:
+      q: (batch, seqlen_q, nheads, headdim), float16 or bfloat16.
+      k: (batch, seqlen_k, nheads_k, headdim), q's dtype; nheads % nheads_k == 0
+        (MQA/GQA: query head h reads K/V head h // (nheads // nheads_k)).
+      v: (batch, seqlen_k, nheads_k, headdim), q's dtype.
+      dropout_p: not implemented yet; must be 0.
+      softmax_scale: scale of q.k; default 1 / sqrt(headdim).
+      causal: mask keys after the query, aligned to the bottom-right corner of
+        the (seqlen_q, seqlen_k) score matrix when the lengths differ (query i
+        sees keys j <= i + seqlen_k - seqlen_q).
+      window_size: (left, right) local window around that same diagonal; -1 is
+        unbounded. causal=True sets right to 0.
+      softcap, alibi_slopes: not implemented yet; must be 0 / None.
+      deterministic: accepted for API compatibility; the forward pass is always
+        deterministic.
+      return_attn_probs: also return the softmax LSE.
+      dropout_key: JAX PRNG key for dropout (not implemented yet).
+
+    Returns:
+      out: (batch, seqlen_q, nheads, headdim) in q's dtype; or, with
+      return_attn_probs=True, `(out, softmax_lse, None)` where softmax_lse is
+      (batch, nheads, seqlen_q) float32 (natural log; +inf for a query that
+      sees no key, whose output is 0). The LSE is not differentiable: gradients
+      flow through `out` only.
+
+    Raises:
+      TypeError, ValueError: bad shapes, dtypes or options, before any kernel.
+      NotImplementedError: dropout, softcap or ALiBi.
+    """
+    _check_qkv(q, k, v)
+    if dropout_p != 0.0 or dropout_key is not None:
+        _not_yet("dropout_p", dropout_p, "dropout arrives with the score-modifier issue")
+    if softcap != 0.0:
+        _not_yet("softcap", softcap, "arrives with the score-modifier issue")
+    if alibi_slopes is not None:
+        _not_yet("alibi_slopes", "<array>", "arrives with the score-modifier issue")
+    del deterministic  # the forward kernel is deterministic
+    left, right = _check_window(window_size, causal)
+    static = _Static(_check_scale(softmax_scale, q.shape[-1]), left, right)
+
+    if _ffi.on_gpu():
+        _ffi.kernels_or_raise()
+        out, lse = _attention_gpu(q, k, v, static)
+    else:
+        out, lse = _reference(q, k, v, static)
+    if return_attn_probs:
+        return out, jax.lax.stop_gradient(lse), None
+    return out

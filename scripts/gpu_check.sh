@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build + GPU tests + benchmark in one go, on a GPU machine with no package
+# index (the recipe README.md documents). Run from the repository root:
+#
+#   scripts/gpu_check.sh [build] [test] [bench] [quick]
+#
+# Environment: JAX_FLASH_CUDA_ARCHS / JAX_FLASH_HEADDIMS narrow the build;
+# WHEELS (default .whl/) holds the nvidia-cutlass wheel; OUT (default
+# /tmp/jax_flash_out) receives logs and benchmark JSON; PYTEST_ARGS and
+# BENCH_ARGS pass extra arguments through.
+set -uo pipefail
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(build test bench)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/jax_flash_out}; mkdir -p "$OUT"
+WHEELS=${WHEELS:-$repo/.whl}
+PY=${PYTHON:-python3}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+has() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+rc=0
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+if has build; then
+  # Offline: build requirements come from the environment plus local wheels.
+  $PY -c "import cutlass_library" 2>/dev/null ||
+    $PY -m pip install -q --no-index --no-deps "$WHEELS"/nvidia_cutlass-*.whl || exit 1
+  echo "== build: archs=${JAX_FLASH_CUDA_ARCHS:-default} headdims=${JAX_FLASH_HEADDIMS:-default}"
+  start=$(date +%s)
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v "$repo" \
+    > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  echo "== build took $(( $(date +%s) - start )) s on $(nproc) cores"
+  so=$(cd /tmp && $PY -c "import jax_flash._C as c; print(c.__file__)")
+  cuobjdump --dump-resource-usage "$so" 2>/dev/null | grep -E "Function|REG" | paste - - |
+    sed -E 's/.*attn_fwd_kernel.*FwdTraitsIN7cutlass([0-9a-z_]+)ELi([0-9]+)E.*ELb([01])E.*REG:([0-9]+) STACK:([0-9]+) SHARED:[0-9]+ LOCAL:([0-9]+).*/\1 hdim=\2 local=\3 REG=\4 STACK=\5 LOCAL=\6/' |
+    sort -u | tee "$OUT/resources.txt"
+fi
+
+# Tests and benchmark import the installed package, not the source tree.
+cd /tmp
+if has quick; then
+  $PY -m pytest -q -x "$repo/tests" -k "hdim or 128 or vmap or bit or rows or window or grad or compiled" \
+    ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25 || rc=1
+fi
+if has test; then
+  $PY -m pytest -q "$repo/tests" -n 8 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+fi
+if has profile; then
+  # Same shape through both kernels; the last launch of each is profiled.
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  for d in ${PROFILE_HEADDIMS:-128}; do
+    for impl in jax torch; do
+      $ncu --clock-control none -k "regex:attn_fwd_kernel|flash_fwd" --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats --section InstructionStats \
+        $PY "$repo/scripts/profile_fwd.py" $impl $d > "$OUT/ncu_${impl}_d$d.txt" 2>&1
+      grep -E "Duration|Registers Per|Achieved Occupancy|Executed Ipc A|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Executed Instructions  |Stall|Block Limit|Theoretical Occ|Compute \(SM\) Th|Memory Th" "$OUT/ncu_${impl}_d$d.txt" | sed "s/^/[$impl d=$d] /"
+    done
+  done
+fi
+if has bench; then
+  $PY "$repo/benchmarks/bench_attention.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
+exit $rc

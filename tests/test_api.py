@@ -1,0 +1,133 @@
+"""Public API: argument validation (every error message) and the composition
+of flash_attn_func with jit / vmap / grad on whatever backend runs the tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flash
+from jax_flash import reference
+
+
+def _qkv(b=2, sq=17, sk=23, h=4, hk=2, d=32, dtype=jnp.bfloat16, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(kq, (b, sq, h, d), jnp.float32).astype(dtype),
+        jax.random.normal(kk, (b, sk, hk, d), jnp.float32).astype(dtype),
+        jax.random.normal(kv, (b, sk, hk, d), jnp.float32).astype(dtype),
+    )
+
+
+# ---- Errors -------------------------------------------------------------------
+
+
+def test_rank_error_names_argument_and_shape():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"q must have rank 4 .*got shape \(17, 4, 32\)"):
+        jax_flash.flash_attn_func(q[0], k, v)
+    with pytest.raises(ValueError, match=r"k must have rank 4 .*got shape \(2, 23, 2, 32, 1\)"):
+        jax_flash.flash_attn_func(q, k[..., None], v)
+
+
+def test_dtype_errors():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="q must be float16 or bfloat16, got float32"):
+        jax_flash.flash_attn_func(q.astype(jnp.float32), k, v)
+    with pytest.raises(TypeError, match="share one dtype, got q bfloat16, k float16, v bfloat16"):
+        jax_flash.flash_attn_func(q, k.astype(jnp.float16), v)
+    with pytest.raises(TypeError, match="v must be a JAX array, got list"):
+        jax_flash.flash_attn_func(q, k, [1.0])
+
+
+def test_shape_mismatch_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"k and v must have the same shape .*got k \(2, 23, 2, 32\) and v \(2, 22, 2, 32\)"):
+        jax_flash.flash_attn_func(q, k, v[:, :22])
+    with pytest.raises(ValueError, match=r"k must have batch 2 like q, got k \(1, 23, 2, 32\)"):
+        jax_flash.flash_attn_func(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"headdim 32 like q \(2, 17, 4, 32\), got k \(2, 23, 2, 16\)"):
+        jax_flash.flash_attn_func(q, k[..., :16], v[..., :16])
+    q3, k3, v3 = _qkv(h=4, hk=3)
+    with pytest.raises(ValueError, match=r"nheads of q \(4\) must be a multiple of nheads of k/v \(3\)"):
+        jax_flash.flash_attn_func(q3, k3, v3)
+
+
+def test_head_dim_limit():
+    q, k, v = _qkv(sq=3, sk=3, d=264)
+    with pytest.raises(ValueError, match=r"headdim must be in \[1, 256\], got 264"):
+        jax_flash.flash_attn_func(q, k, v)
+
+
+def test_option_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="softmax_scale must be a finite number > 0, got -1.0"):
+        jax_flash.flash_attn_func(q, k, v, softmax_scale=-1.0)
+    with pytest.raises(TypeError, match=r"window_size must be a pair of ints \(left, right\), got 3"):
+        jax_flash.flash_attn_func(q, k, v, window_size=3)
+    with pytest.raises(ValueError, match=r"window_size entries must be >= -1 .*got \(-2, 0\)"):
+        jax_flash.flash_attn_func(q, k, v, window_size=(-2, 0))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(dropout_p=0.1), "dropout_p"),
+        (dict(softcap=30.0), "softcap"),
+        (dict(alibi_slopes=jnp.ones((4,), jnp.float32)), "alibi_slopes"),
+    ],
+)
+def test_unimplemented_options_raise(kwargs, name):
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match=f"{name}=.* is not implemented yet"):
+        jax_flash.flash_attn_func(q, k, v, **kwargs)
+
+
+# ---- Composition (CPU: the reference path; GPU: the kernels) -------------------
+
+
+def _close(a, b, atol=2e-2):
+    # bf16 keeps 8 bits of mantissa: one ulp at 13.5 is 0.0625, hence rtol.
+    np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol, rtol=1e-2
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference_under_jit(causal):
+    q, k, v = _qkv(sq=33, sk=20)
+    out, lse, probs = jax.jit(
+        lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    )(q, k, v)
+    ref, ref_lse = reference.attention_ref(q, k, v, causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (2, 4, 33) and lse.dtype == jnp.float32 and probs is None
+    _close(out, ref)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-3, atol=1e-3)
+    if causal:  # 33 queries, 20 keys: the first 13 queries see nothing
+        assert np.isposinf(np.asarray(lse)[:, :, :13]).all()
+        assert (np.asarray(out, np.float32)[:, :13] == 0).all()
+
+
+def test_odd_head_dim_and_custom_scale():
+    q, k, v = _qkv(d=59)
+    out = jax_flash.flash_attn_func(q, k, v, softmax_scale=0.3)
+    _close(out, reference.attention_ref(q, k, v, softmax_scale=0.3)[0])
+
+
+def test_vmap_over_extra_batch_dim():
+    q, k, v = _qkv(b=3)
+    qs, ks, vs = (jnp.stack([x, x[::-1]]) for x in (q, k, v))
+    out = jax.vmap(lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True))(qs, ks, vs)
+    assert out.shape == (2, *q.shape)
+    _close(out[1], jax_flash.flash_attn_func(q[::-1], k[::-1], v[::-1], causal=True))
+
+
+def test_grad_matches_reference():
+    q, k, v = _qkv(sq=9, sk=9)
+    f = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2))
+    grads = f(lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True))(q, k, v)
+    refs = f(lambda q, k, v: reference.attention_ref(q, k, v, causal=True)[0])(q, k, v)
+    for g, r in zip(grads, refs):
+        assert np.isfinite(np.asarray(g, np.float32)).all()
+        _close(g, r, atol=5e-2)
