@@ -58,6 +58,9 @@ if has profile; then
     done
   done
 fi
+if has timing; then
+  for d in ${PROFILE_HEADDIMS:-128}; do $PY "$repo/scripts/profile_fwd.py" jax $d time 2>&1 | grep -E "median"; done
+fi
 if has bench; then
   $PY "$repo/benchmarks/bench_attention.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
 fi

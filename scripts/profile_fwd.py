@@ -26,3 +26,24 @@ else:
         for _ in range(3):
             torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.cuda.synchronize()
+
+if which == "jax" and len(sys.argv) > 3 and sys.argv[3] == "time":
+    # Per-call time with dispatch overhead (one jit call per kernel) against
+    # ten dependent kernels inside one jit call.
+    import time
+
+    def chain(q, k, v):
+        return jax.lax.fori_loop(0, 10, lambda i, x: jax_flash.flash_attn_func(x, k, v), q)
+
+    g = jax.jit(chain)
+    g(q, k, v).block_until_ready()
+    for name, fn, calls in (("per-call", f, 1), ("in-jit x10", g, 10)):
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                out = fn(q, k, v)
+            out.block_until_ready()
+            times.append((time.perf_counter() - t0) / (5 * calls))
+        times.sort()
+        print(f"d={d} {name}: median {times[5] * 1e3:.3f} ms per kernel")

@@ -19,10 +19,19 @@ cudaError_t launch_fwd(const AttnParams& params, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &attn_fwd_kernel<Traits, kIsLocal>;
   if constexpr (kSmem >= 48 * 1024) {
-    // Beyond 48 KB a kernel must opt in to dynamic shared memory.
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    // Beyond 48 KB a kernel must opt in to dynamic shared memory, once per
+    // device: setting a function attribute on every launch would put a driver
+    // call (that can wait for the device) on the hot path.
+    constexpr int kMaxDevices = 64;
+    static bool opted_in[kMaxDevices] = {};  // racing writers both store true
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
+    if (device >= kMaxDevices || !opted_in[device]) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      if (err != cudaSuccess) return err;
+      if (device < kMaxDevices) opted_in[device] = true;
+    }
   }
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
   return cudaGetLastError();

@@ -29,22 +29,34 @@ struct OnlineSoftmax {
   template <bool kFirst, typename TS, typename TO>
   __device__ __forceinline__ void update(TS& scores, TO& acc_o, float scale_log2) {
     static_assert(decltype(size<0>(scores))::value == kRows);
+    float new_max[kRows];
+    bool grew = false;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float m = kFirst ? -INFINITY : row_max[r];
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
-      m = quad_allreduce(m, MaxOp{});
-      const float offset = scaled_offset(m, scale_log2);
-      if (!kFirst) {
-        // Old contributions were exponentiated against the old max.
+      new_max[r] = quad_allreduce(m, MaxOp{});
+      if (!kFirst) grew |= new_max[r] != row_max[r];
+    }
+    // Old contributions were exponentiated against the old max. Far into a
+    // row the max rarely grows, and an unchanged max means a factor of exactly
+    // 1: a warp whose rows all kept their max skips the O rescale (one
+    // multiply per accumulator, as many as the whole P V product's outputs).
+    if (!kFirst && __any_sync(0xffffffff, grew)) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
         // -inf old max (nothing seen yet): exp2(-inf) = 0 and the sums are 0.
-        const float rescale = exp2f(row_max[r] * scale_log2 - offset);
+        const float rescale = exp2f(row_max[r] * scale_log2 - scaled_offset(new_max[r], scale_log2));
         row_sum[r] *= rescale;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= rescale;
       }
-      row_max[r] = m;
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = new_max[r];
+      const float offset = scaled_offset(new_max[r], scale_log2);
       float sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) {
