@@ -31,6 +31,12 @@ __all__ = ["attention_ref", "attention_varlen_ref", "kvcache_ref"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _low_precision(dtype):
+    """Matmul precision of the upcast=False path: the input dtype's own. float32
+    inputs get true float32 (GPUs would otherwise round them to TF32)."""
+    return _HIGHEST if dtype == jnp.float32 else None
+
+
 def _fail(name, expected, actual):
     raise ValueError(f"{name}: expected {expected}, got {actual}")
 
@@ -144,7 +150,7 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_sl
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_HIGHEST)
     else:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_low_precision(q.dtype))
     scores = scores.astype(jnp.float32) * jnp.float32(softmax_scale)
     if softcap > 0:
         scores = jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
@@ -176,7 +182,9 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_sl
     if upcast:
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=_HIGHEST)
     else:
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        out = jnp.einsum(
+            "bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=_low_precision(v.dtype)
+        )
     return out.astype(out_dtype), lse.astype(jnp.float32)
 
 
