@@ -91,6 +91,11 @@ ffi::Error AttnFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (lse->element_count() != static_cast<size_t>(sq.batch * sq.heads * sq.seqlen)) {
     return ffi::Error::InvalidArgument("lse must have shape (batch..., nheads, seqlen_q)");
   }
+  // K/V tiles are addressed with 32-bit offsets inside a tile.
+  if (sk.heads * sk.head_dim >= (int64_t{1} << 24)) {
+    return ffi::Error::InvalidArgument("nheads_k * head_dim must be < 2^24, got " +
+                                       std::to_string(sk.heads * sk.head_dim));
+  }
   // Grid y/z limits.
   if (sq.batch > 65535 || sq.heads > 65535) {
     return ffi::Error::InvalidArgument("batch and nheads must be <= 65535, got batch " +

@@ -64,21 +64,24 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
       make_gmem_ptr(static_cast<const Element*>(p.q_ptr) +
                     info.q_offset(p.q_batch_stride, p.q_row_stride, bidb) + bidh * p.q_head_stride),
       make_shape(info.seqlen_q, Int<kHeadDim>{}), make_stride(p.q_row_stride, _1{}));
-  Tensor mK = make_tensor(
-      make_gmem_ptr(static_cast<const Element*>(p.k_ptr) +
-                    info.k_offset(p.k_batch_stride, p.k_row_stride, bidb) + bidh_k * p.k_head_stride),
-      make_shape(info.seqlen_k, Int<kHeadDim>{}), make_stride(p.k_row_stride, _1{}));
-  Tensor mV = make_tensor(
-      make_gmem_ptr(static_cast<const Element*>(p.v_ptr) +
-                    info.k_offset(p.v_batch_stride, p.v_row_stride, bidb) + bidh_k * p.v_head_stride),
-      make_shape(info.seqlen_k, Int<kHeadDim>{}), make_stride(p.v_row_stride, _1{}));
+  const Element* k_base = static_cast<const Element*>(p.k_ptr) +
+                         info.k_offset(p.k_batch_stride, p.k_row_stride, bidb) +
+                         bidh_k * p.k_head_stride;
+  const Element* v_base = static_cast<const Element*>(p.v_ptr) +
+                         info.k_offset(p.v_batch_stride, p.v_row_stride, bidb) +
+                         bidh_k * p.v_head_stride;
   Tensor mO = make_tensor(
       make_gmem_ptr(static_cast<Element*>(p.o_ptr) +
                     info.q_offset(p.o_batch_stride, p.o_row_stride, bidb) + bidh * p.o_head_stride),
       make_shape(info.seqlen_q, Int<kHeadDim>{}), make_stride(p.o_row_stride, _1{}));
   Tensor gQ = local_tile(mQ, TileQ{}, make_coord(m_block, 0));   // (M, D)
-  Tensor gK = local_tile(mK, TileKV{}, make_coord(_, 0));        // (N, D, n_blocks)
-  Tensor gV = local_tile(mV, TileKV{}, make_coord(_, 0));        // (N, D, n_blocks)
+  // K/V tile n: a 64-bit tile base plus 32-bit offsets inside the tile (the
+  // handler bounds row strides), which keeps fewer address registers live in
+  // the main loop: +6-8% at d=128 (notes/kernel_experiments.md).
+  auto kv_tile = [&](const Element* base, int64_t row_stride, int n) {
+    return make_tensor(make_gmem_ptr(base + int64_t(n) * kBlockN * row_stride),
+                       make_layout(TileKV{}, make_stride(int(row_stride), _1{})));  // (N, D)
+  };
   Tensor gO = local_tile(mO, TileQ{}, make_coord(m_block, 0));   // (M, D)
   float* gLSE = p.lse_ptr + (int64_t(bidb) * p.nheads + bidh) * p.seqlen_q + m_block * kBlockM;
 
@@ -100,9 +103,7 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
   auto gmem_thr = gmem_copy.get_thread_slice(tid);
   Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
   Tensor tQsQ = gmem_thr.partition_D(sQ);
-  Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, n_blocks)
   Tensor tKsK = gmem_thr.partition_D(sK);
-  Tensor tVgV = gmem_thr.partition_S(gV);  // (CPY, CPY_N, CPY_D, n_blocks)
   Tensor tVsV = gmem_thr.partition_D(sV);
   // Tile-local coordinates of each copied chunk, for the row/column predicates.
   Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(TileQ{}));    // (CPY, CPY_M, CPY_D)
@@ -139,7 +140,7 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
   // ---- Prologue: Q and the last K tile in flight ------------------------------
   int n_block = n_block_max - 1;
   copy_tile(gmem_copy, tQgQ, tQsQ, tQcQ, tDok, rows_left);
-  copy_tile(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, tDok,
+  copy_tile(gmem_copy, gmem_thr.partition_S(kv_tile(k_base, p.k_row_stride, n_block)), tKsK, tKVcKV, tDok,
             info.seqlen_k - n_block * kBlockN);
   cp_async_fence();
 
@@ -162,10 +163,10 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
     __syncthreads();  // K_j landed; every thread is done reading V_{j+1}
 
     if constexpr (kMasked) {
-      copy_tile(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, tDok,
+      copy_tile(gmem_copy, gmem_thr.partition_S(kv_tile(v_base, p.v_row_stride, n_block)), tVsV, tKVcKV, tDok,
                 info.seqlen_k - n_block * kBlockN);
     } else {
-      copy_tile_cols(gmem_copy, tVgV(_, _, _, n_block), tVsV, tDok, all_cols);
+      copy_tile_cols(gmem_copy, gmem_thr.partition_S(kv_tile(v_base, p.v_row_stride, n_block)), tVsV, tDok, all_cols);
     }
     cp_async_fence();
 
@@ -179,7 +180,7 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
     __syncthreads();  // V_j landed; every thread is done reading K_j
     if (n_block > n_block_min) {
       // Only the last tile can be partial: K_{j-1} is whole.
-      copy_tile_cols(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tDok, all_cols);
+      copy_tile_cols(gmem_copy, gmem_thr.partition_S(kv_tile(k_base, p.k_row_stride, n_block - 1)), tKsK, tDok, all_cols);
       cp_async_fence();
     }
 

@@ -83,12 +83,14 @@ struct FwdTraits {
       GmemValLayout{}));
 };
 
-// Tile configuration per compiled head dim, chosen for sm80/sm90 (mma.sync).
-// Shared memory stays <= 64 KB up to d=128 so two blocks fit per SM on sm80.
+// Tile configuration per compiled head dim, for sm80/sm90 (mma.sync). Four
+// warps of 32 rows each keep shared-memory reads per MMA low; shared memory
+// stays <= 64 KB up to d=128 so two blocks fit per SM. d=64 uses 128x64, not
+// 128x128: +2-8% on H200 (notes/kernel_experiments.md).
 template <typename Element, int kHeadDim>
 struct FwdConfig;
 template <typename E> struct FwdConfig<E, 32>  { using Traits = FwdTraits<E, 32, 128, 128, 4>; };
-template <typename E> struct FwdConfig<E, 64>  { using Traits = FwdTraits<E, 64, 128, 128, 4>; };
+template <typename E> struct FwdConfig<E, 64>  { using Traits = FwdTraits<E, 64, 128, 64, 4>; };
 template <typename E> struct FwdConfig<E, 96>  { using Traits = FwdTraits<E, 96, 128, 64, 4>; };
 template <typename E> struct FwdConfig<E, 128> { using Traits = FwdTraits<E, 128, 128, 64, 4>; };
 template <typename E> struct FwdConfig<E, 192> { using Traits = FwdTraits<E, 192, 128, 64, 8>; };
