@@ -3,6 +3,7 @@
 All implementations run in one process on the same shapes, in bfloat16:
 
   jax_flash  jax_flash.flash_attn_func(q, k, v, causal=...)          (B, T, N, H)
+  jax_flash_det  the same with deterministic=True (differs in fwd_bwd only)
   cudnn      jax.nn.dot_product_attention(..., implementation="cudnn") (B, T, N, H)
   xla        jax.nn.dot_product_attention(..., implementation="xla")   (B, T, N, H)
   torch_fa2  torch SDPA restricted to SDPBackend.FLASH_ATTENTION       (B, N, T, H)
@@ -46,7 +47,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-ALL_IMPLS = ("jax_flash", "cudnn", "xla", "torch_fa2")
+ALL_IMPLS = ("jax_flash", "jax_flash_det", "cudnn", "xla", "torch_fa2")
 WARMUP = 3
 TARGET_LOOP_S = 0.01  # aim for ~10 ms per timed sample
 
@@ -78,6 +79,10 @@ def jax_attention(impl, causal):
         import jax_flash
 
         return lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal)
+    if impl == "jax_flash_det":  # deterministic backward
+        import jax_flash
+
+        return lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal, deterministic=True)
     if impl in ("cudnn", "xla"):
         return lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation=impl)
@@ -208,7 +213,8 @@ def parse_args():
                    help="default 512,1024,2048,4096,8192,16384")
     p.add_argument("--causal", default="both", choices=("both", "true", "false"))
     p.add_argument("--modes", default="fwd", help="fwd and/or fwd_bwd")
-    p.add_argument("--impls", default=",".join(ALL_IMPLS))
+    p.add_argument("--impls", default="jax_flash,cudnn,xla,torch_fa2",
+                   help=f"comma list of {ALL_IMPLS}")
     p.add_argument("--repeats", type=int, default=None, help="default 20")
     p.add_argument("--tokens", type=int, default=None, help="batch*seqlen, default 16384")
     p.add_argument("--hidden", type=int, default=None, help="nheads*headdim, default 2048")

@@ -70,4 +70,30 @@ struct AttnParams {
   int num_splits = 1;  // split-KV decoding: > 1 writes partial O/LSE to accumulators
 };
 
+// The backward pass reads the forward's q, k, v, o and lse (AttnParams) and
+// the output gradient; it writes dq, dk, dv. dk/dv have k/v's shape (nheads_k
+// heads: MQA/GQA gradients are summed over the query heads of a group inside
+// the kernel, never through an nheads-sized copy).
+struct AttnBwdParams : AttnParams {
+  const void* __restrict__ do_ptr = nullptr;  // o's layout
+  void* __restrict__ dq_ptr = nullptr;        // q's layout
+  void* __restrict__ dk_ptr = nullptr;        // k's layout
+  void* __restrict__ dv_ptr = nullptr;        // v's layout
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+
+  // Scratch owned by XLA (extra outputs of the custom call):
+  // dq_accum (batch, seqlen_q, nheads, head_dim_kernel) float32, zeroed by the
+  // preprocess step; softmax_d (batch, nheads, seqlen_q) float32 holds
+  // D = rowsum(dO * O); dq_semaphore (batch, nheads, m_blocks) int32, used
+  // only in deterministic mode.
+  float* __restrict__ dq_accum_ptr = nullptr;
+  float* __restrict__ softmax_d_ptr = nullptr;
+  int* __restrict__ dq_semaphore_ptr = nullptr;
+  int head_dim_kernel = 0;  // compiled head dim: dq_accum's last dimension
+  bool deterministic = false;
+};
+
 }  // namespace jax_flash

@@ -19,6 +19,7 @@ from jax_flash import _ffi, reference
 
 _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
 MAX_HEAD_DIM = 256
+_BWD_BLOCK_M = 64  # Q rows per backward tile (csrc/bwd/api.h kBwdBlockM)
 
 
 class _Static(NamedTuple):
@@ -27,6 +28,7 @@ class _Static(NamedTuple):
     softmax_scale: float
     window_left: int
     window_right: int
+    deterministic: bool = False
 
 
 # ---- Validation -------------------------------------------------------------
@@ -116,33 +118,57 @@ def _kernel_head_dim(head_dim: int) -> int:
     return padded
 
 
+def _pad_head_dim(kernel_dim: int, *xs):
+    """Zero-pads the last dim to kernel_dim: zero columns add nothing to q.k and
+    give zero output/gradient columns, which are sliced off."""
+    pad = [(0, 0)] * (xs[0].ndim - 1) + [(0, kernel_dim - xs[0].shape[-1])]
+    return tuple(jnp.pad(x, pad) if kernel_dim != x.shape[-1] else x for x in xs)
+
+
+def _score_attrs(static: _Static) -> dict:
+    return dict(
+        softmax_scale=np.float32(static.softmax_scale),
+        window_left=np.int32(static.window_left),
+        window_right=np.int32(static.window_right),
+    )
+
+
 def _fwd_kernel(q, k, v, static: _Static):
     """(out, lse) from our CUDA kernel; q/k/v are (..., seqlen, heads, d)."""
     head_dim = q.shape[-1]
-    kernel_dim = _kernel_head_dim(head_dim)
-    if kernel_dim != head_dim:
-        # Zero columns add nothing to q.k and produce zero output columns.
-        pad = [(0, 0)] * (q.ndim - 1) + [(0, kernel_dim - head_dim)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    q, k, v = _pad_head_dim(_kernel_head_dim(head_dim), q, k, v)
     *lead, seqlen_q, nheads, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),
     )
-    out, lse = jax.ffi.ffi_call(
-        "jax_flash_fwd",
-        out_types,
-        # Extra leading (vmapped) dims fold into the kernel's batch.
-        vmap_method="broadcast_all",
-    )(
-        q,
-        k,
-        v,
-        softmax_scale=np.float32(static.softmax_scale),
-        window_left=np.int32(static.window_left),
-        window_right=np.int32(static.window_right),
+    # Extra leading (vmapped) dims fold into the kernel's batch.
+    out, lse = jax.ffi.ffi_call("jax_flash_fwd", out_types, vmap_method="broadcast_all")(
+        q, k, v, **_score_attrs(static)
     )
     return out[..., :head_dim], lse
+
+
+def _bwd_kernel(q, k, v, out, lse, d_out, static: _Static):
+    """(dq, dk, dv) from our CUDA kernels."""
+    head_dim = q.shape[-1]
+    kernel_dim = _kernel_head_dim(head_dim)
+    q, k, v, out, d_out = _pad_head_dim(kernel_dim, q, k, v, out, d_out)
+    *lead, seqlen_q, nheads, _ = q.shape
+    m_blocks = -(-seqlen_q // _BWD_BLOCK_M)
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        # Scratch the kernels need, allocated by XLA and dropped here.
+        jax.ShapeDtypeStruct((*lead, seqlen_q, nheads, kernel_dim), jnp.float32),  # dq_accum
+        jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),  # softmax_d
+        jax.ShapeDtypeStruct((*lead, nheads, m_blocks), jnp.int32),  # dq_semaphore
+    )
+    dq, dk, dv, *_ = jax.ffi.ffi_call("jax_flash_bwd", out_types, vmap_method="broadcast_all")(
+        q, k, v, out, lse, d_out, deterministic=bool(static.deterministic), **_score_attrs(static)
+    )
+    return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
 
 
 def _reference(q, k, v, static: _Static):
@@ -163,17 +189,14 @@ def _attention_gpu(q, k, v, static: _Static):
 
 def _attention_gpu_fwd(q, k, v, static):
     out, lse = _fwd_kernel(q, k, v, static)
-    return (out, lse), (q, k, v)
+    return (out, lse), (q, k, v, out, lse)
 
 
 def _attention_gpu_bwd(static, residuals, cotangents):
-    # Interim backward: the gradient of the plain-JAX reference, recomputed
-    # from q, k, v (memory quadratic in seqlen). The LSE output is not
-    # differentiable; its cotangent is ignored.
-    q, k, v = residuals
+    # The LSE output is not differentiable: its cotangent is ignored.
+    q, k, v, out, lse = residuals
     d_out, _ = cotangents
-    _, vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, static)[0], q, k, v)
-    return vjp(d_out.astype(q.dtype))
+    return _bwd_kernel(q, k, v, out, lse, d_out.astype(q.dtype), static)
 
 
 _attention_gpu.defvjp(_attention_gpu_fwd, _attention_gpu_bwd)
@@ -217,8 +240,9 @@ def flash_attn_func(
       window_size: (left, right) local window around that same diagonal; -1 is
         unbounded. causal=True sets right to 0.
       softcap, alibi_slopes: not implemented yet; must be 0 / None.
-      deterministic: accepted for API compatibility; the forward pass is always
-        deterministic.
+      deterministic: make the backward pass bit-reproducible (dQ contributions
+        are added in a fixed order instead of by unordered atomics; slower).
+        The forward pass is always deterministic.
       return_attn_probs: also return the softmax LSE.
       dropout_key: JAX PRNG key for dropout (not implemented yet).
 
@@ -240,9 +264,8 @@ def flash_attn_func(
         _not_yet("softcap", softcap, "arrives with the score-modifier issue")
     if alibi_slopes is not None:
         _not_yet("alibi_slopes", "<array>", "arrives with the score-modifier issue")
-    del deterministic  # the forward kernel is deterministic
     left, right = _check_window(window_size, causal)
-    static = _Static(_check_scale(softmax_scale, q.shape[-1]), left, right)
+    static = _Static(_check_scale(softmax_scale, q.shape[-1]), left, right, bool(deterministic))
 
     if _ffi.on_gpu():
         _ffi.kernels_or_raise()
@@ -252,3 +275,67 @@ def flash_attn_func(
     if return_attn_probs:
         return out, jax.lax.stop_gradient(lse), None
     return out
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes=None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    dropout_key=None,
+):
+    """`flash_attn_func` with q, k, v packed in one array.
+
+    Args:
+      qkv: (batch, seqlen, 3, nheads, headdim).
+      Other arguments and the return value: as `flash_attn_func`. The gradient
+      is (batch, seqlen, 3, nheads, headdim).
+    """
+    if not hasattr(qkv, "shape") or qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(
+            "qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
+            f"{getattr(qkv, 'shape', type(qkv).__name__)}"
+        )
+    return flash_attn_func(
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        dropout_key=dropout_key,
+    )
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes=None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    dropout_key=None,
+):
+    """`flash_attn_func` with k and v packed in one array.
+
+    Args:
+      q: (batch, seqlen_q, nheads, headdim).
+      kv: (batch, seqlen_k, 2, nheads_k, headdim).
+      Other arguments and the return value: as `flash_attn_func`.
+    """
+    if not hasattr(kv, "shape") or kv.ndim != 5 or kv.shape[2] != 2:
+        raise ValueError(
+            "kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got "
+            f"{getattr(kv, 'shape', type(kv).__name__)}"
+        )
+    return flash_attn_func(
+        q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+        alibi_slopes, deterministic, return_attn_probs, dropout_key=dropout_key,
+    )

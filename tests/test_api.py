@@ -53,6 +53,21 @@ def test_shape_mismatch_errors():
         jax_flash.flash_attn_func(q3, k3, v3)
 
 
+def test_packed_shape_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seqlen, 3, nheads, headdim\), got \(2, 17, 4, 32\)"):
+        jax_flash.flash_attn_qkvpacked_func(q)
+    with pytest.raises(ValueError, match=r"kv must have shape \(batch, seqlen_k, 2, nheads_k, headdim\), got \(2, 23, 3, 2, 32\)"):
+        jax_flash.flash_attn_kvpacked_func(q, jnp.stack([k, v, v], axis=2))
+
+
+def test_packed_variants_equal_unpacked():
+    q, k, v = _qkv(h=2, hk=2, sk=17)
+    out = jax_flash.flash_attn_func(q, k, v, causal=True)
+    _close(jax_flash.flash_attn_qkvpacked_func(jnp.stack([q, k, v], 2), causal=True), out, atol=0)
+    _close(jax_flash.flash_attn_kvpacked_func(q, jnp.stack([k, v], 2), causal=True), out, atol=0)
+
+
 def test_head_dim_limit():
     q, k, v = _qkv(sq=3, sk=3, d=264)
     with pytest.raises(ValueError, match=r"headdim must be in \[1, 256\], got 264"):

@@ -25,6 +25,7 @@ NB_MODULE(_C, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["jax_flash_fwd"] = Capsule(jax_flash::AttnFwd);
+    targets["jax_flash_bwd"] = Capsule(jax_flash::AttnBwd);
     return targets;
   }, "FFI target name -> handler capsule, for platform CUDA.");
   m.def("compiled_head_dims", []() {

@@ -18,9 +18,9 @@
 
 #include "../block_info.h"
 #include "../cute_utils.h"
+#include "../mask.h"
 #include "../params.h"
 #include "kernel_traits.h"
-#include "mask.h"
 #include "softmax.h"
 
 namespace jax_flash::fwd {

@@ -5,13 +5,13 @@
 // last query always lines up with the last key. causal is window_right = 0.
 //
 // The struct answers two questions: which K/V tiles a Q tile needs at all
-// (tiles outside are skipped, not computed), and which entries of a needed
-// tile are set to -inf.
+// (and, for the backward pass, which Q tiles a K/V tile needs; tiles outside
+// are skipped, not computed), and which entries of a needed tile are -inf.
 #pragma once
 
-#include "../cute_utils.h"
+#include "cute_utils.h"
 
-namespace jax_flash::fwd {
+namespace jax_flash {
 
 template <int kBlockM, int kBlockN, bool kIsLocal>
 struct Mask {
@@ -41,6 +41,22 @@ struct Mask {
     if (!kIsLocal) return 0;
     const int first_col = diag(m_block * kBlockM) - left;
     return max(0, first_col / kBlockN);
+  }
+
+  // Q tiles [m_min, m_max) hold every query that sees a key of K/V tile n_block.
+  __device__ __forceinline__ int m_block_min(int n_block) const {
+    if (!kIsLocal) return 0;
+    // Key j is visible to rows i >= j - (seqlen_k - seqlen_q) - right.
+    const int first_row = n_block * kBlockN - (seqlen_k - seqlen_q) - right;
+    return first_row <= 0 ? 0 : first_row / kBlockM;
+  }
+  __device__ __forceinline__ int m_block_max(int n_block) const {
+    const int m_all = (seqlen_q + kBlockM - 1) / kBlockM;
+    if (!kIsLocal) return m_all;
+    // ... and to rows i <= j - (seqlen_k - seqlen_q) + left.
+    const int last_row = min((n_block + 1) * kBlockN, seqlen_k) - 1 - (seqlen_k - seqlen_q) + left;
+    if (last_row < 0) return 0;
+    return min(m_all, last_row / kBlockM + 1);
   }
 
   // Whether any entry of tile (m_block, n_block) is masked.
@@ -74,4 +90,4 @@ struct Mask {
   }
 };
 
-}  // namespace jax_flash::fwd
+}  // namespace jax_flash

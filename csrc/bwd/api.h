@@ -1,0 +1,25 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// Host-side entry of the backward kernels (CuTe-free, like fwd/api.h).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cutlass/numeric_types.h>
+
+#include "../fwd/api.h"
+#include "../params.h"
+
+namespace jax_flash::bwd {
+
+template <typename Element, int kHeadDim, bool kIsLocal>
+cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream);
+
+// Rows of Q per backward tile: the dQ semaphore buffer holds
+// batch * nheads * ceil(seqlen_q / kBwdBlockM) ints.
+constexpr int kBwdBlockM = 64;
+
+// Launches preprocess, main and convert kernels for params.head_dim on the
+// compiled head dim fwd::kernel_head_dim() picks.
+cudaError_t run_bwd(fwd::Dtype dtype, const AttnBwdParams& params, cudaStream_t stream);
+
+}  // namespace jax_flash::bwd

@@ -1,0 +1,371 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// FlashAttention-2 backward. Three launches:
+//   1. preprocess: D = rowsum(dO * O) per query row (float32),
+//   2. main: one thread block per (K/V tile, K/V head, batch); for every query
+//      head of the K/V head's group and every Q tile that sees the K/V tile:
+//        S  = Q K^T                 P  = exp(S * scale - LSE)   (recomputed)
+//        dP = dO V^T                dS = P * (dP - D)
+//        dV += P^T dO               dK += dS^T Q                (registers)
+//        dQ_accum += dS K           (float32 atomics, or ordered per Q tile
+//                                    when deterministic)
+//      and writes dK * scale, dV once at the end,
+//   3. convert: dQ = dQ_accum * scale in the input dtype.
+// dS here is the gradient with respect to the scaled scores; the scale is
+// applied once to dQ and dK instead of once per element of dS.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "../block_info.h"
+#include "../cute_utils.h"
+#include "../mask.h"
+#include "../params.h"
+#include "kernel_traits.h"
+
+namespace jax_flash::bwd {
+
+using namespace cute;
+
+// ---- 1. D = rowsum(dO * O) ----------------------------------------------------
+// One warp per (batch, head, row); head_dim <= 256 elements, 8 per lane.
+template <typename Element>
+__global__ void softmax_d_kernel(const AttnBwdParams p) {
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int rows = p.batch * p.nheads * p.seqlen_q;
+  if (warp >= rows) return;
+  const int row = warp % p.seqlen_q;
+  const int bidh = (warp / p.seqlen_q) % p.nheads;
+  const int bidb = warp / (p.seqlen_q * p.nheads);
+  const Element* o = static_cast<const Element*>(p.o_ptr) + bidb * p.o_batch_stride +
+                     row * p.o_row_stride + bidh * p.o_head_stride;
+  const Element* d_o = static_cast<const Element*>(p.do_ptr) + bidb * p.do_batch_stride +
+                       row * p.do_row_stride + bidh * p.do_head_stride;
+  float sum = 0.f;
+  for (int c = lane; c < p.head_dim; c += 32) sum += float(o[c]) * float(d_o[c]);
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
+  if (lane == 0) p.softmax_d_ptr[warp] = sum;  // (batch, nheads, seqlen_q) row-major
+}
+
+// ---- 3. dQ = dQ_accum * scale ---------------------------------------------------
+template <typename Element>
+__global__ void convert_dq_kernel(const AttnBwdParams p) {
+  const int64_t total = int64_t(p.batch) * p.seqlen_q * p.nheads * p.head_dim;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int c = i % p.head_dim;
+    const int64_t r = i / p.head_dim;  // (batch, row, head) flattened
+    const float g = p.dq_accum_ptr[r * p.head_dim_kernel + c] * p.softmax_scale;
+    const int bidh = r % p.nheads;
+    const int64_t row = (r / p.nheads) % p.seqlen_q;
+    const int64_t bidb = r / (int64_t(p.nheads) * p.seqlen_q);
+    static_cast<Element*>(p.dq_ptr)[bidb * p.dq_batch_stride + row * p.dq_row_stride +
+                                    bidh * p.dq_head_stride + c] = Element(g);
+  }
+}
+
+// ---- 2. Main kernel -----------------------------------------------------------
+template <typename Traits, bool kIsLocal>
+__device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
+                              const int bidh_k) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+  const int tid = threadIdx.x;
+
+  const BlockInfo info(p, bidb);
+  if (n_block * kBlockN >= info.seqlen_k) return;
+  const int keys_left = info.seqlen_k - n_block * kBlockN;
+  const Mask<kBlockM, kBlockN, kIsLocal> mask(info.seqlen_q, info.seqlen_k, p.window_left,
+                                              p.window_right);
+  const int m_block_min = mask.m_block_min(n_block);
+  const int m_block_max = mask.m_block_max(n_block);
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+
+  // ---- Global tiles ------------------------------------------------------------
+  auto tile = [](auto* base, int64_t row_stride, auto tile_shape) {
+    return make_tensor(make_gmem_ptr(base), make_layout(tile_shape, make_stride(row_stride, _1{})));
+  };
+  const int64_t k_off = info.k_offset(p.k_batch_stride, p.k_row_stride, bidb) +
+                        int64_t(n_block) * kBlockN * p.k_row_stride + bidh_k * p.k_head_stride;
+  const int64_t v_off = info.k_offset(p.v_batch_stride, p.v_row_stride, bidb) +
+                        int64_t(n_block) * kBlockN * p.v_row_stride + bidh_k * p.v_head_stride;
+  Tensor gK = tile(static_cast<const Element*>(p.k_ptr) + k_off, p.k_row_stride, TileKV{});  // (N, D)
+  Tensor gV = tile(static_cast<const Element*>(p.v_ptr) + v_off, p.v_row_stride, TileKV{});  // (N, D)
+  // Q / dO tile m of query head h.
+  auto q_tile = [&](int h, int m) {
+    return tile(static_cast<const Element*>(p.q_ptr) +
+                    info.q_offset(p.q_batch_stride, p.q_row_stride, bidb) +
+                    int64_t(m) * kBlockM * p.q_row_stride + h * p.q_head_stride,
+                p.q_row_stride, TileQ{});
+  };
+  auto do_tile = [&](int h, int m) {
+    return tile(static_cast<const Element*>(p.do_ptr) +
+                    info.q_offset(p.do_batch_stride, p.do_row_stride, bidb) +
+                    int64_t(m) * kBlockM * p.do_row_stride + h * p.do_head_stride,
+                p.do_row_stride, TileQ{});
+  };
+
+  // ---- Shared tiles ------------------------------------------------------------
+  extern __shared__ char smem[];
+  Element* smem_q = reinterpret_cast<Element*>(smem);               // 2 stages
+  Element* smem_do = smem_q + 2 * Traits::kSmemQdOElems;            // 2 stages
+  Element* smem_k = smem_do + 2 * Traits::kSmemQdOElems;
+  Element* smem_v = smem_k + Traits::kSmemKVElems;
+  Element* smem_p = smem_v + Traits::kSmemKVElems;
+  Element* smem_ds = smem_p + Traits::kSmemPdSElems;
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutKV{});    // (N, D)
+  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutKV{});    // (N, D)
+  Tensor sKt = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutKt{});   // (D, N)
+  Tensor sP = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdS{});   // (M, N)
+  Tensor sdS = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdS{}); // (M, N)
+  Tensor sPt = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdSt{});  // (N, M)
+  Tensor sdSt = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdSt{}); // (N, M)
+  auto sQ = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem_q + stage * Traits::kSmemQdOElems),
+                       typename Traits::SmemLayoutQdO{});  // (M, D)
+  };
+  auto sdO = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem_do + stage * Traits::kSmemQdOElems),
+                       typename Traits::SmemLayoutQdO{});  // (M, D)
+  };
+  auto sQt = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem_q + stage * Traits::kSmemQdOElems),
+                       typename Traits::SmemLayoutQdOt{});  // (D, M)
+  };
+  auto sdOt = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem_do + stage * Traits::kSmemQdOElems),
+                       typename Traits::SmemLayoutQdOt{});  // (D, M)
+  };
+
+  // ---- Global -> shared ----------------------------------------------------------
+  typename Traits::GmemTiledCopy gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tid);
+  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(TileQ{}));     // (CPY, CPY_M, CPY_D)
+  Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(TileKV{}));  // (CPY, CPY_N, CPY_D)
+  Tensor tDok = make_tensor<bool>(make_shape(size<2>(tQcQ)));            // (CPY_D)
+  CUTE_UNROLL
+  for (int k = 0; k < size(tDok); ++k) tDok(k) = get<1>(tQcQ(0, 0, k)) < p.head_dim;
+
+  const int h_first = bidh_k * p.h_per_hk;
+  auto load_q_do = [&](int h, int m, int stage) {
+    const int rows = info.seqlen_q - m * kBlockM;
+    copy_tile(gmem_copy, gmem_thr.partition_S(q_tile(h, m)), gmem_thr.partition_D(sQ(stage)),
+              tQcQ, tDok, rows);
+    copy_tile(gmem_copy, gmem_thr.partition_S(do_tile(h, m)), gmem_thr.partition_D(sdO(stage)),
+              tQcQ, tDok, rows);
+  };
+
+  // ---- MMA partitions -------------------------------------------------------------
+  typename Traits::TiledMmaSdP mma_sdp;
+  typename Traits::TiledMmadKV mma_dkv;
+  typename Traits::TiledMmadQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(tid);
+  auto thr_dkv = mma_dkv.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+
+  auto copy_a_sdp = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_sdp);
+  auto copy_b_sdp = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma_sdp);
+  auto thr_copy_a_sdp = copy_a_sdp.get_thread_slice(tid);
+  auto thr_copy_b_sdp = copy_b_sdp.get_thread_slice(tid);
+  auto copy_a_dkv = make_tiled_copy_A(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+  auto copy_b_dkv = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+  auto thr_copy_a_dkv = copy_a_dkv.get_thread_slice(tid);
+  auto thr_copy_b_dkv = copy_b_dkv.get_thread_slice(tid);
+  auto copy_a_dq = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_dq);
+  auto copy_b_dq = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dq);
+  auto thr_copy_a_dq = copy_a_dq.get_thread_slice(tid);
+  auto thr_copy_b_dq = copy_b_dq.get_thread_slice(tid);
+
+  // Register fragments (shapes only depend on the tile shapes).
+  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ(0));    // (MMA, MMA_M, MMA_D)
+  Tensor tSrK = thr_sdp.partition_fragment_B(sK);       // (MMA, MMA_N, MMA_D)
+  Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO(0)); // (MMA, MMA_M, MMA_D)
+  Tensor tdPrV = thr_sdp.partition_fragment_B(sV);      // (MMA, MMA_N, MMA_D)
+  Tensor tdKVrPt = thr_dkv.partition_fragment_A(
+      make_tensor(smem_p, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{})));   // (MMA, MMA_N, MMA_M)
+  Tensor tdKVrQdOt = thr_dkv.partition_fragment_B(
+      make_tensor(smem_q, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{})));  // (MMA, MMA_D, MMA_M)
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);     // (MMA, MMA_M, MMA_N)
+  Tensor tdQrKt = thr_dq.partition_fragment_B(
+      make_tensor(smem_k, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{})));  // (MMA, MMA_D, MMA_N)
+
+  Tensor acc_dk = partition_fragment_C(mma_dkv, TileKV{});  // (MMA, MMA_N, MMA_D)
+  Tensor acc_dv = partition_fragment_C(mma_dkv, TileKV{});  // (MMA, MMA_N, MMA_D)
+  clear(acc_dk);
+  clear(acc_dv);
+
+  // Tile-local (row, col) of the S/dP accumulators and of the dQ accumulator.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(TileS{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
+  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));     // (MMA, MMA_M, MMA_D)
+
+  // Registers -> shared for P and dS.
+  auto copy_c_sdp = make_tiled_copy_C(typename Traits::SmemCopyAtomC{}, mma_sdp);
+  auto thr_copy_c_sdp = copy_c_sdp.get_thread_slice(tid);
+  Tensor tPsP = thr_copy_c_sdp.partition_D(sP);
+  Tensor tdSsdS = thr_copy_c_sdp.partition_D(sdS);
+
+  // ---- Prologue: K, V and the first Q/dO tile in flight ----------------------------
+  const int steps_per_head = m_block_max - m_block_min;
+  const int num_steps = steps_per_head > 0 ? steps_per_head * p.h_per_hk : 0;
+  copy_tile(gmem_copy, gmem_thr.partition_S(gK), gmem_thr.partition_D(sK), tKVcKV, tDok,
+            keys_left);
+  copy_tile(gmem_copy, gmem_thr.partition_S(gV), gmem_thr.partition_D(sV), tKVcKV, tDok,
+            keys_left);
+  if (num_steps > 0) load_q_do(h_first, m_block_min, 0);
+  cp_async_fence();
+
+  const float scale_log2 = p.softmax_scale_log2;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  CUTE_NO_UNROLL
+  for (int step = 0; step < num_steps; ++step) {
+    const int h = h_first + step / steps_per_head;
+    const int m_block = m_block_min + step % steps_per_head;
+    const int stage = step % 2;
+    const int rows_left = info.seqlen_q - m_block * kBlockM;
+
+    cp_async_wait<0>();
+    __syncthreads();  // Q/dO of this step landed; the previous step is done with
+                      // sP, sdS and the other Q/dO stage.
+    if (step + 1 < num_steps) {
+      const int h_next = h_first + (step + 1) / steps_per_head;
+      const int m_next = m_block_min + (step + 1) % steps_per_head;
+      load_q_do(h_next, m_next, stage ^ 1);
+    }
+    cp_async_fence();
+
+    // S = Q K^T, dP = dO V^T
+    Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});   // (MMA, MMA_M, MMA_N)
+    Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});  // (MMA, MMA_M, MMA_N)
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_ss(acc_s, tSrQ, tSrK, thr_copy_a_sdp.partition_S(sQ(stage)),
+            thr_copy_b_sdp.partition_S(sK), mma_sdp, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp,
+            thr_copy_b_sdp);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, thr_copy_a_sdp.partition_S(sdO(stage)),
+            thr_copy_b_sdp.partition_S(sV), mma_sdp, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp,
+            thr_copy_b_sdp);
+
+    // P = exp(S * scale - LSE), dS = P * (dP - D). Rows past seqlen_q read
+    // LSE = +inf, so their P (and dS) are 0 and they add nothing to dK, dV.
+    Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
+    Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));    // (rows, cols)
+    if (mask.tile_needs_mask(m_block, n_block)) mask.apply(scores, tScS_rc, m_block, n_block);
+    const int64_t row_stat0 =
+        (int64_t(bidb) * p.nheads + h) * p.seqlen_q + int64_t(m_block) * kBlockM;
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(scores); ++r) {
+      const int row = get<0>(tScS_rc(r, 0));
+      const bool valid = row < rows_left;
+      // An empty row has LSE = +inf: exp2(-inf) = 0 for every entry.
+      const float lse_log2 = valid ? p.lse_ptr[row_stat0 + row] * kLog2e : INFINITY;
+      const float d = valid ? p.softmax_d_ptr[row_stat0 + row] : 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const float prob = exp2f(scores(r, c) * scale_log2 - lse_log2);
+        scores(r, c) = prob;
+        dp(r, c) = prob * (dp(r, c) - d);
+      }
+    }
+    copy(copy_c_sdp, thr_copy_c_sdp.retile_S(convert_fragment<Element>(acc_s)), tPsP);
+    copy(copy_c_sdp, thr_copy_c_sdp.retile_S(convert_fragment<Element>(acc_dp)), tdSsdS);
+    __syncthreads();  // P and dS visible to every warp
+
+    // dV += P^T dO, dK += dS^T Q
+    gemm_ss(acc_dv, tdKVrPt, tdKVrQdOt, thr_copy_a_dkv.partition_S(sPt),
+            thr_copy_b_dkv.partition_S(sdOt(stage)), mma_dkv, copy_a_dkv, copy_b_dkv,
+            thr_copy_a_dkv, thr_copy_b_dkv);
+    gemm_ss(acc_dk, tdKVrPt, tdKVrQdOt, thr_copy_a_dkv.partition_S(sdSt),
+            thr_copy_b_dkv.partition_S(sQt(stage)), mma_dkv, copy_a_dkv, copy_b_dkv,
+            thr_copy_a_dkv, thr_copy_b_dkv);
+
+    // dQ_accum += dS K
+    Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});  // (MMA, MMA_M, MMA_D)
+    clear(acc_dq);
+    gemm_ss(acc_dq, tdQrdS, tdQrKt, thr_copy_a_dq.partition_S(sdS),
+            thr_copy_b_dq.partition_S(sKt), mma_dq, copy_a_dq, copy_b_dq, thr_copy_a_dq,
+            thr_copy_b_dq);
+
+    float* dq_accum = p.dq_accum_ptr +
+                      ((int64_t(bidb) * p.seqlen_q + int64_t(m_block) * kBlockM) * p.nheads + h) *
+                          p.head_dim_kernel;
+    const int64_t dq_row_stride = int64_t(p.nheads) * p.head_dim_kernel;
+    int* semaphore = p.dq_semaphore_ptr + (int64_t(bidb) * p.nheads + h) * num_m_blocks + m_block;
+    if (p.deterministic) {
+      // Tiles of keys add into this Q tile one after another, in key order:
+      // the sum, and so dQ, is the same bit for bit on every run. Blocks are
+      // dispatched in increasing blockIdx.x, so the one waited for is running.
+      const int first_n = mask.n_block_min(m_block);
+      if (tid == 0) {
+        while (atomicAdd(semaphore, 0) != n_block - first_n) {
+        }
+      }
+      __syncthreads();
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dq); ++i) {
+      const int row = get<0>(tdQcdQ(i)), col = get<1>(tdQcdQ(i));
+      if (row < rows_left && col < p.head_dim) atomicAdd(dq_accum + row * dq_row_stride + col, acc_dq(i));
+    }
+    if (p.deterministic) {
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicAdd(semaphore, 1);
+    }
+  }
+
+  // ---- Epilogue: dK * scale, dV -> shared -> global --------------------------------
+  // Reuses the K and V buffers once every copy into them has landed and every
+  // warp is past its last read of them. A K/V tile no query sees gets dK = dV = 0.
+  cp_async_wait<0>();
+  __syncthreads();
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= p.softmax_scale;
+  auto copy_c_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomC{}, mma_dkv);
+  auto thr_copy_c_dkv = copy_c_dkv.get_thread_slice(tid);
+  copy(copy_c_dkv, thr_copy_c_dkv.retile_S(convert_fragment<Element>(acc_dk)),
+       thr_copy_c_dkv.partition_D(sK));
+  copy(copy_c_dkv, thr_copy_c_dkv.retile_S(convert_fragment<Element>(acc_dv)),
+       thr_copy_c_dkv.partition_D(sV));
+  __syncthreads();
+
+  const int64_t dk_off = info.k_offset(p.dk_batch_stride, p.dk_row_stride, bidb) +
+                         int64_t(n_block) * kBlockN * p.dk_row_stride + bidh_k * p.dk_head_stride;
+  const int64_t dv_off = info.k_offset(p.dv_batch_stride, p.dv_row_stride, bidb) +
+                         int64_t(n_block) * kBlockN * p.dv_row_stride + bidh_k * p.dv_head_stride;
+  typename Traits::GmemTiledCopyOut gmem_copy_out;
+  auto gmem_thr_out = gmem_copy_out.get_thread_slice(tid);
+  auto store = [&](auto const& s_src, Element* dst, int64_t row_stride) {
+    Tensor tS = gmem_thr_out.partition_S(s_src);  // (CPY, CPY_N, CPY_D)
+    Tensor tG = gmem_thr_out.partition_D(tile(dst, row_stride, TileKV{}));
+    Tensor tR = make_tensor<Element>(shape(tG));
+    copy(gmem_copy_out, tS, tR);
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(tG); ++m) {
+      if (get<0>(tKVcKV(0, m, 0)) < keys_left) {
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(tG); ++k) {
+          if (tDok(k)) copy(gmem_copy_out, tR(_, m, k), tG(_, m, k));
+        }
+      }
+    }
+  };
+  store(sK, static_cast<Element*>(p.dk_ptr) + dk_off, p.dk_row_stride);
+  store(sV, static_cast<Element*>(p.dv_ptr) + dv_off, p.dv_row_stride);
+}
+
+// Grid: (K/V tiles, nheads_k, batch).
+template <typename Traits, bool kIsLocal>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    attn_bwd_kernel(const __grid_constant__ AttnBwdParams params) {
+  attn_bwd_tile<Traits, kIsLocal>(params, blockIdx.x, blockIdx.z, blockIdx.y);
+}
+
+}  // namespace jax_flash::bwd

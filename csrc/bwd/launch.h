@@ -1,0 +1,60 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// The only place that launches the backward kernels: preprocess (D and the
+// zeroed dQ accumulator), main, convert.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "../params.h"
+#include "api.h"
+#include "kernel.h"
+#include "kernel_traits.h"
+
+namespace jax_flash::bwd {
+
+template <typename Element, int kHeadDim, bool kIsLocal>
+cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
+  using Traits = typename BwdConfig<Element, kHeadDim>::Traits;
+  static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ semaphores");
+  const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
+  const size_t dq_accum_bytes = size_t(rows) * params.head_dim_kernel * sizeof(float);
+  cudaError_t err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_bytes, stream);
+  if (err != cudaSuccess) return err;
+  if (params.deterministic) {
+    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    err = cudaMemsetAsync(params.dq_semaphore_ptr, 0,
+                          sizeof(int) * size_t(params.batch) * params.nheads * m_blocks, stream);
+    if (err != cudaSuccess) return err;
+  }
+
+  constexpr int kRowsPerBlock = 8;  // one warp per row
+  softmax_d_kernel<Element><<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, 32 * kRowsPerBlock, 0,
+                              stream>>>(params);
+
+  const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const dim3 grid(num_n_blocks, params.nheads_k, params.batch);
+  constexpr int kSmem = Traits::kSmemBytes;
+  auto kernel = &attn_bwd_kernel<Traits, kIsLocal>;
+  // Opt in to > 48 KB of shared memory once per device (see fwd/launch.h).
+  constexpr int kMaxDevices = 64;
+  static bool opted_in[kMaxDevices] = {};
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device >= kMaxDevices || !opted_in[device]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    if (device < kMaxDevices) opted_in[device] = true;
+  }
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+
+  const int64_t dq_elems = rows * params.head_dim;
+  const int convert_blocks = int(std::min<int64_t>((dq_elems + 255) / 256, 65536));
+  convert_dq_kernel<Element><<<convert_blocks, 256, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flash::bwd

@@ -1,0 +1,103 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// Runtime (dtype, head dim, mask kind) -> compiled kernel, for the forward and
+// the backward pass. Which head dims exist is decided by the build
+// (JAX_FLASH_HEADDIMS defines one JAX_FLASH_HDIM_<d> macro per compiled head
+// dim); both passes are compiled for the same set.
+#include "bwd/api.h"
+#include "fwd/api.h"
+#include "static_switch.h"
+
+namespace jax_flash {
+namespace {
+
+constexpr int kCompiledHeadDims[] = {
+#ifdef JAX_FLASH_HDIM_32
+    32,
+#endif
+#ifdef JAX_FLASH_HDIM_64
+    64,
+#endif
+#ifdef JAX_FLASH_HDIM_96
+    96,
+#endif
+#ifdef JAX_FLASH_HDIM_128
+    128,
+#endif
+#ifdef JAX_FLASH_HDIM_192
+    192,
+#endif
+#ifdef JAX_FLASH_HDIM_256
+    256,
+#endif
+    -1,  // sentinel: keeps the array non-empty in a build with no kernels
+};
+
+// Calls launch.template operator()<kHeadDim>() for the compiled head dim.
+template <typename Launch>
+cudaError_t with_head_dim(int kernel_dim, Launch&& launch) {
+  switch (kernel_dim) {
+#ifdef JAX_FLASH_HDIM_32
+    case 32: return launch(std::integral_constant<int, 32>{});
+#endif
+#ifdef JAX_FLASH_HDIM_64
+    case 64: return launch(std::integral_constant<int, 64>{});
+#endif
+#ifdef JAX_FLASH_HDIM_96
+    case 96: return launch(std::integral_constant<int, 96>{});
+#endif
+#ifdef JAX_FLASH_HDIM_128
+    case 128: return launch(std::integral_constant<int, 128>{});
+#endif
+#ifdef JAX_FLASH_HDIM_192
+    case 192: return launch(std::integral_constant<int, 192>{});
+#endif
+#ifdef JAX_FLASH_HDIM_256
+    case 256: return launch(std::integral_constant<int, 256>{});
+#endif
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Causal is a window with right = 0: one kernel serves both.
+bool is_local(const AttnParams& p) { return p.window_left >= 0 || p.window_right >= 0; }
+
+}  // namespace
+
+namespace fwd {
+
+int kernel_head_dim(int head_dim) {
+  for (int d : kCompiledHeadDims) {
+    if (d >= head_dim) return d;
+  }
+  return -1;
+}
+
+cudaError_t run_fwd(Dtype dtype, const AttnParams& params, cudaStream_t stream) {
+  return BOOL_SWITCH(is_local(params), kIsLocal, [&] {
+    return with_head_dim(kernel_head_dim(params.head_dim), [&](auto hdim) {
+      constexpr int kHeadDim = decltype(hdim)::value;
+      return dtype == Dtype::kFloat16
+                 ? launch_fwd<cutlass::half_t, kHeadDim, kIsLocal>(params, stream)
+                 : launch_fwd<cutlass::bfloat16_t, kHeadDim, kIsLocal>(params, stream);
+    });
+  });
+}
+
+}  // namespace fwd
+
+namespace bwd {
+
+cudaError_t run_bwd(fwd::Dtype dtype, const AttnBwdParams& params, cudaStream_t stream) {
+  return BOOL_SWITCH(is_local(params), kIsLocal, [&] {
+    return with_head_dim(fwd::kernel_head_dim(params.head_dim), [&](auto hdim) {
+      constexpr int kHeadDim = decltype(hdim)::value;
+      return dtype == fwd::Dtype::kFloat16
+                 ? launch_bwd<cutlass::half_t, kHeadDim, kIsLocal>(params, stream)
+                 : launch_bwd<cutlass::bfloat16_t, kHeadDim, kIsLocal>(params, stream);
+    });
+  });
+}
+
+}  // namespace bwd
+}  // namespace jax_flash
