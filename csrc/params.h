@@ -85,14 +85,13 @@ struct AttnBwdParams : AttnParams {
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
 
   // Scratch owned by XLA (extra outputs of the custom call):
-  // dq_accum (batch, seqlen_q, nheads, head_dim_kernel) float32, zeroed by the
+  // dq_accum (batch, seqlen_q, nheads, head_dim) float32, zeroed by the
   // preprocess step; softmax_d (batch, nheads, seqlen_q) float32 holds
   // D = rowsum(dO * O); dq_semaphore (batch, nheads, m_blocks) int32, used
   // only in deterministic mode.
   float* __restrict__ dq_accum_ptr = nullptr;
   float* __restrict__ softmax_d_ptr = nullptr;
   int* __restrict__ dq_semaphore_ptr = nullptr;
-  int head_dim_kernel = 0;  // compiled head dim: dq_accum's last dimension
   bool deterministic = false;
 };
 

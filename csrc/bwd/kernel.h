@@ -56,7 +56,7 @@ __global__ void convert_dq_kernel(const AttnBwdParams p) {
        i += int64_t(gridDim.x) * blockDim.x) {
     const int c = i % p.head_dim;
     const int64_t r = i / p.head_dim;  // (batch, row, head) flattened
-    const float g = p.dq_accum_ptr[r * p.head_dim_kernel + c] * p.softmax_scale;
+    const float g = p.dq_accum_ptr[r * p.head_dim + c] * p.softmax_scale;
     const int bidh = r % p.nheads;
     const int64_t row = (r / p.nheads) % p.seqlen_q;
     const int64_t bidb = r / (int64_t(p.nheads) * p.seqlen_q);
@@ -295,8 +295,8 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
 
     float* dq_accum = p.dq_accum_ptr +
                       ((int64_t(bidb) * p.seqlen_q + int64_t(m_block) * kBlockM) * p.nheads + h) *
-                          p.head_dim_kernel;
-    const int64_t dq_row_stride = int64_t(p.nheads) * p.head_dim_kernel;
+                          p.head_dim;
+    const int64_t dq_row_stride = int64_t(p.nheads) * p.head_dim;
     int* semaphore = p.dq_semaphore_ptr + (int64_t(bidb) * p.nheads + h) * num_m_blocks + m_block;
     if (p.deterministic) {
       // Tiles of keys add into this Q tile one after another, in key order:

@@ -20,7 +20,7 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<Element, kHeadDim>::Traits;
   static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ semaphores");
   const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
-  const size_t dq_accum_bytes = size_t(rows) * params.head_dim_kernel * sizeof(float);
+  const size_t dq_accum_bytes = size_t(rows) * params.head_dim * sizeof(float);
   cudaError_t err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_bytes, stream);
   if (err != cudaSuccess) return err;
   if (params.deterministic) {

@@ -180,15 +180,14 @@ ffi::Error AttnBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (auto e = SameShape("dk", *dk, k, "k"); e.failure()) return e;
   if (auto e = SameShape("dv", *dv, v, "v"); e.failure()) return e;
   const size_t rows = size_t(p.batch) * p.nheads * p.seqlen_q;
-  const int kernel_dim = fwd::kernel_head_dim(p.head_dim);
   const size_t m_blocks = (p.seqlen_q + bwd::kBwdBlockM - 1) / bwd::kBwdBlockM;
   if (lse.element_count() != rows || softmax_d->element_count() != rows) {
     return ffi::Error::InvalidArgument(
         "lse and softmax_d must have shape (batch..., nheads, seqlen_q)");
   }
-  if (dq_accum->element_count() != rows * kernel_dim) {
+  if (dq_accum->element_count() != rows * p.head_dim) {
     return ffi::Error::InvalidArgument("dq_accum must have shape (batch..., seqlen_q, nheads, " +
-                                       std::to_string(kernel_dim) + ")");
+                                       std::to_string(p.head_dim) + ")");
   }
   if (dq_semaphore->element_count() != size_t(p.batch) * p.nheads * m_blocks) {
     return ffi::Error::InvalidArgument("dq_semaphore must have batch * nheads * " +
@@ -217,7 +216,6 @@ ffi::Error AttnBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   p.dq_accum_ptr = dq_accum->typed_data();
   p.softmax_d_ptr = softmax_d->typed_data();
   p.dq_semaphore_ptr = dq_semaphore->typed_data();
-  p.head_dim_kernel = kernel_dim;
   p.deterministic = deterministic;
   SetScoreOptions(softmax_scale, window_left, window_right, &p);
   const cudaError_t err = bwd::run_bwd(KernelDtype(q), p, stream);
