@@ -142,12 +142,15 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_sl
         valid = (jnp.arange(seqlen_k) < key_lengths[:, None])[:, :, None, None]
         k = jnp.where(valid, k, jnp.zeros((), k.dtype))
         v = jnp.where(valid, v, jnp.zeros((), v.dtype))
+    if upcast:
+        # Before repeating K/V heads, so that MQA/GQA gradients are summed over
+        # a group's query heads in float32 too.
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     if groups > 1:
         k = jnp.repeat(k, groups, axis=2)
         v = jnp.repeat(v, groups, axis=2)
 
     if upcast:
-        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_HIGHEST)
     else:
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_low_precision(q.dtype))
@@ -176,15 +179,22 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_sl
     probs = unnorm / safe_sum
     lse = jnp.where(nonempty, jnp.log(safe_sum) + row_max, jnp.inf)[..., 0]
 
+    if not upcast:
+        # FlashAttention's low-precision reference: the softmax itself runs in
+        # the input dtype (exp, its derivative and P are rounded to it; row
+        # sums accumulate in float32), so forward and backward both carry the
+        # rounding a low-precision implementation would.
+        low = v.dtype
+        unnorm = jnp.exp(scores.astype(low) - row_max.astype(low))
+        probs = (unnorm.astype(jnp.float32) / safe_sum).astype(low)
+
     if dropout_p > 0:
-        probs = jnp.where(dropout_mask, probs, 0.0) / jnp.float32(1.0 - dropout_p)
+        probs = jnp.where(dropout_mask, probs, 0.0) / jnp.asarray(1.0 - dropout_p, probs.dtype)
 
     if upcast:
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=_HIGHEST)
     else:
-        out = jnp.einsum(
-            "bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=_low_precision(v.dtype)
-        )
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=_low_precision(v.dtype))
     return out.astype(out_dtype), lse.astype(jnp.float32)
 
 

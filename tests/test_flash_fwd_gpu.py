@@ -132,7 +132,9 @@ def test_grad_close_to_reference_grad():
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(grads, ref):
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=2e-2)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(r, np.float32), atol=2e-2, rtol=1e-2
+        )
 
 
 def test_extension_reports_compiled_head_dims():
