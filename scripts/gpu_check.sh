@@ -52,20 +52,25 @@ if has test; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 fi
 if has profile; then
-  # Same shape through both kernels; the last launch of each is profiled.
+  # Same shape through both implementations; one launch of each kernel is
+  # profiled (PROFILE_MODE fwd or bwd).
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  mode=${PROFILE_MODE:-fwd}
+  kernels="regex:attn_${mode}_kernel|flash_${mode}"
+  [ "$mode" = bwd ] && kernels="regex:attn_bwd_kernel|flash_bwd_dq_dk_dv"
   for d in ${PROFILE_HEADDIMS:-128}; do
     for impl in jax torch; do
-      $ncu --clock-control none -k "regex:attn_fwd_kernel|flash_fwd" --launch-skip 2 --launch-count 1 \
+      $ncu --clock-control none -k "$kernels" --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-        --section LaunchStats --section InstructionStats \
-        $PY "$repo/scripts/profile_fwd.py" $impl $d > "$OUT/ncu_${impl}_d$d.txt" 2>&1
-      grep -E "Duration|Registers Per|Achieved Occupancy|Executed Ipc A|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Executed Instructions  |Stall|Block Limit|Theoretical Occ|Compute \(SM\) Th|Memory Th" "$OUT/ncu_${impl}_d$d.txt" | sed "s/^/[$impl d=$d] /"
+        --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis --print-details all \
+        $PY "$repo/scripts/profile_attention.py" $impl $d $mode > "$OUT/ncu_${mode}_${impl}_d$d.txt" 2>&1
+      grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Executed Instructions  |Stall [A-Z]|Local Memory|Block Limit Shared" \
+        "$OUT/ncu_${mode}_${impl}_d$d.txt" | sed "s/^/[$mode $impl d=$d] /"
     done
   done
 fi
 if has timing; then
-  for d in ${PROFILE_HEADDIMS:-128}; do $PY "$repo/scripts/profile_fwd.py" jax $d time 2>&1 | grep -E "median"; done
+  for d in ${PROFILE_HEADDIMS:-128}; do $PY "$repo/scripts/profile_attention.py" jax $d time 2>&1 | grep -E "median"; done
 fi
 if has bench; then
   $PY "$repo/benchmarks/bench_attention.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
