@@ -203,6 +203,7 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   // Tile-local (row, col) of the S/dP accumulators and of the dQ accumulator.
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(TileS{}));
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
+  constexpr int kRowsS = decltype(size<0>(tScS_rc))::value;
   Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));     // (MMA, MMA_M, MMA_D)
 
   // Registers -> shared for P and dS.
@@ -241,6 +242,23 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
     }
     cp_async_fence();
 
+    // This Q tile's LSE and D, loaded before the GEMMs so that their latency
+    // hides behind them (read right before use, they were the kernel's main
+    // stall: ncu "long scoreboard", notes/kernel_experiments.md). Rows past
+    // seqlen_q read LSE = +inf, so their P (and dS) are 0 and they add nothing
+    // to dK, dV.
+    const int64_t row_stat0 =
+        (int64_t(bidb) * p.nheads + h) * p.seqlen_q + int64_t(m_block) * kBlockM;
+    float lse_log2[kRowsS], d_row[kRowsS];
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsS; ++r) {
+      const int row = get<0>(tScS_rc(r, 0));
+      const bool valid = row < rows_left;
+      // An empty row has LSE = +inf: exp2(-inf) = 0 for every entry.
+      lse_log2[r] = valid ? p.lse_ptr[row_stat0 + row] * kLog2e : INFINITY;
+      d_row[r] = valid ? p.softmax_d_ptr[row_stat0 + row] : 0.f;
+    }
+
     // S = Q K^T, dP = dO V^T
     Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});   // (MMA, MMA_M, MMA_N)
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});  // (MMA, MMA_M, MMA_N)
@@ -253,25 +271,17 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
             thr_copy_b_sdp.partition_S(sV), mma_sdp, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp,
             thr_copy_b_sdp);
 
-    // P = exp(S * scale - LSE), dS = P * (dP - D). Rows past seqlen_q read
-    // LSE = +inf, so their P (and dS) are 0 and they add nothing to dK, dV.
+    // P = exp(S * scale - LSE), dS = P * (dP - D).
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));    // (rows, cols)
     if (mask.tile_needs_mask(m_block, n_block)) mask.apply(scores, tScS_rc, m_block, n_block);
-    const int64_t row_stat0 =
-        (int64_t(bidb) * p.nheads + h) * p.seqlen_q + int64_t(m_block) * kBlockM;
     CUTE_UNROLL
-    for (int r = 0; r < size<0>(scores); ++r) {
-      const int row = get<0>(tScS_rc(r, 0));
-      const bool valid = row < rows_left;
-      // An empty row has LSE = +inf: exp2(-inf) = 0 for every entry.
-      const float lse_log2 = valid ? p.lse_ptr[row_stat0 + row] * kLog2e : INFINITY;
-      const float d = valid ? p.softmax_d_ptr[row_stat0 + row] : 0.f;
+    for (int r = 0; r < kRowsS; ++r) {
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) {
-        const float prob = exp2f(scores(r, c) * scale_log2 - lse_log2);
+        const float prob = exp2f(scores(r, c) * scale_log2 - lse_log2[r]);
         scores(r, c) = prob;
-        dp(r, c) = prob * (dp(r, c) - d);
+        dp(r, c) = prob * (dp(r, c) - d_row[r]);
       }
     }
     copy(copy_c_sdp, thr_copy_c_sdp.retile_S(convert_fragment<Element>(acc_s)), tPsP);

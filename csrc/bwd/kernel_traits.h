@@ -99,11 +99,12 @@ struct BwdTraits {
 };
 
 // Per compiled head dim. dK and dV accumulators take
-// 2 * kBlockN * kHeadDim / kNThreads registers per thread: 128 at d <= 128
-// with 128 keys per block, so larger head dims take 64 keys.
+// 2 * kBlockN * kHeadDim / kNThreads registers per thread. 64 keys per block:
+// with 128 at d = 128 the kernel spilled 504 B per thread and ran 1.3x slower
+// (notes/kernel_experiments.md).
 template <typename Element, int kHeadDim>
 struct BwdConfig {
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kBlockN = 64;
   using Traits = BwdTraits<Element, kHeadDim, /*kBlockM=*/64, kBlockN, /*kNWarps=*/8,
                            /*kSdPWarpsM=*/2, /*kdKVWarpsN=*/4, /*kdQWarpsM=*/4>;
 };
