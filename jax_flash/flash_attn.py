@@ -223,8 +223,9 @@ def flash_attn_func(
     """Exact attention softmax(q k^T * scale) v, FlashAttention-2 style.
 
     On a CUDA GPU this runs jax_flash's own kernels through an XLA FFI custom
-    call; on any other backend it runs `jax_flash.reference.attention_ref`.
-    Works under `jax.jit` and `jax.vmap` (extra leading dims fold into the
+    call (forward and backward kernels); on any other backend it runs
+    `jax_flash.reference.attention_ref`. Works under `jax.jit`, `jax.grad`,
+    `jax.checkpoint` and `jax.vmap` (extra leading dims fold into the
     kernel's batch).
 
     Args:
