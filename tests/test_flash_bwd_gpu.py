@@ -13,20 +13,9 @@ import pytest
 import jax_flash
 from jax_flash import reference
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "gpu", reason="needs a CUDA GPU (kernels run on GPU only)"
-)
+from gpu_grid import DTYPES, HEAD_DIMS, HEADS, SEQLENS, requires_gpu, skip_if_not_compiled
 
-DTYPES = [jnp.float16, jnp.bfloat16]
-HEAD_DIMS = [32, 40, 59, 64, 96, 111, 128, 160, 192, 224, 256]
-SEQLENS = [(1, 147), (113, 203), (108, 256), (512, 256), (1023, 1024), (2048, 2048)]
-HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (4, 1)}
-
-
-def _skip_if_not_compiled(head_dim):
-    padded = -(-head_dim // 8) * 8
-    if not any(d >= padded for d in jax_flash.compiled_head_dims()):
-        pytest.skip(f"head dim {head_dim}: no kernel in this build (JAX_FLASH_HEADDIMS)")
+pytestmark = requires_gpu
 
 
 def _inputs(seed, batch, seqlen_q, seqlen_k, heads, head_dim, dtype, scales=(1.0, 1.0)):
@@ -74,7 +63,7 @@ def _check(kernel, ref32, ref_low, factor=3.0, atol=1e-5):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_backward_matches_reference(dtype, head_dim, seqlens, heads, causal):
-    _skip_if_not_compiled(head_dim)
+    skip_if_not_compiled(head_dim)
     seed = zlib.crc32(repr(("bwd", str(dtype), head_dim, seqlens, heads, causal)).encode())
     q, k, v, d_out = _inputs(seed, 2, *seqlens, HEADS[heads], head_dim, dtype)
     _check(*_grads_and_refs(q, k, v, d_out, causal))
@@ -86,7 +75,7 @@ def test_backward_matches_reference(dtype, head_dim, seqlens, heads, causal):
 )
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_backward_local_window(window_size, seqlens, head_dim):
-    _skip_if_not_compiled(head_dim)
+    skip_if_not_compiled(head_dim)
     q, k, v, d_out = _inputs(17, 2, *seqlens, HEADS["gqa"], head_dim, jnp.bfloat16)
     _check(*_grads_and_refs(q, k, v, d_out, False, window_size))
 
@@ -95,7 +84,7 @@ def test_backward_local_window(window_size, seqlens, head_dim):
 @pytest.mark.parametrize("head_dim", [16, 32, 64])
 def test_backward_large_inputs_stay_finite(seqlen, head_dim):
     # q x5, k/v x3: large scores, where an unstable softmax would overflow.
-    _skip_if_not_compiled(head_dim)
+    skip_if_not_compiled(head_dim)
     q, k, v, d_out = _inputs(seqlen, 2, seqlen, seqlen, HEADS["gqa"], head_dim, jnp.float16,
                              scales=(5.0, 3.0))
     _check(*_grads_and_refs(q, k, v, d_out, True), factor=5.0, atol=1e-3)

@@ -16,21 +16,9 @@ import pytest
 import jax_flash
 from jax_flash import reference
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "gpu", reason="needs a CUDA GPU (kernels run on GPU only)"
-)
+from gpu_grid import DTYPES, HEAD_DIMS, HEADS, SEQLENS, requires_gpu, skip_if_not_compiled
 
-DTYPES = [jnp.float16, jnp.bfloat16]
-HEAD_DIMS = [32, 40, 59, 64, 96, 111, 128, 160, 192, 224, 256]
-SEQLENS = [(1, 147), (113, 203), (108, 256), (512, 256), (1023, 1024), (2048, 2048)]
-# (nheads, nheads_k): MHA, GQA, MQA
-HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (4, 1)}
-
-
-def _skip_if_not_compiled(head_dim):
-    padded = -(-head_dim // 8) * 8
-    if not any(d >= padded for d in jax_flash.compiled_head_dims()):
-        pytest.skip(f"head dim {head_dim}: no kernel in this build (JAX_FLASH_HEADDIMS)")
+pytestmark = requires_gpu
 
 
 def _inputs(seed, batch, seqlen_q, seqlen_k, heads, head_dim, dtype):
@@ -71,7 +59,7 @@ def _check(out, lse, ref32, lse32, ref_low):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_forward_matches_reference(dtype, head_dim, seqlens, heads, causal):
-    _skip_if_not_compiled(head_dim)
+    skip_if_not_compiled(head_dim)
     seqlen_q, seqlen_k = seqlens
     seed = zlib.crc32(repr((str(dtype), head_dim, seqlens, heads, causal)).encode())
     q, k, v = _inputs(seed, 2, seqlen_q, seqlen_k, HEADS[heads], head_dim, dtype)
@@ -85,7 +73,7 @@ def test_forward_matches_reference(dtype, head_dim, seqlens, heads, causal):
 )
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_local_window(window_size, seqlens, head_dim):
-    _skip_if_not_compiled(head_dim)
+    skip_if_not_compiled(head_dim)
     q, k, v = _inputs(7, 2, *seqlens, HEADS["gqa"], head_dim, jnp.bfloat16)
     _check(*_kernel_and_refs(q, k, v, False, window_size))
 
