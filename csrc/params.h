@@ -85,13 +85,14 @@ struct AttnBwdParams : AttnParams {
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
 
   // Scratch owned by XLA (extra outputs of the custom call):
-  // dq_accum (batch, seqlen_q, nheads, head_dim) float32, zeroed by the
-  // preprocess step; softmax_d (batch, nheads, seqlen_q) float32 holds
-  // D = rowsum(dO * O); dq_semaphore (batch, nheads, m_blocks) int32, used
-  // only in deterministic mode.
+  // dq_accum (batch, dq_accum_splits, nheads, seqlen_q_rounded, kernel head
+  // dim) float32, zeroed before the main kernel; softmax_d (batch, nheads,
+  // seqlen_q) float32 holds D = rowsum(dO * O). dq_accum_splits > 1 only in
+  // deterministic mode (one slice per thread block, see bwd/kernel.h).
   float* __restrict__ dq_accum_ptr = nullptr;
   float* __restrict__ softmax_d_ptr = nullptr;
-  int* __restrict__ dq_semaphore_ptr = nullptr;
+  int dq_accum_splits = 1;
+  int seqlen_q_rounded = 0;  // multiple of the backward kBlockM
   bool deterministic = false;
 };
 

@@ -37,6 +37,13 @@ def compiled_head_dims() -> tuple[int, ...]:
 
 
 @functools.cache
+def num_sms() -> int:
+    """Streaming multiprocessors of the first GPU (132 if JAX does not say)."""
+    devices = jax.local_devices(backend="gpu")
+    return int(getattr(devices[0], "core_count", 132) or 132)
+
+
+@functools.cache
 def _register() -> None:
     for name, capsule in _C.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")

@@ -20,6 +20,7 @@ from jax_flash import _ffi, reference
 _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
 MAX_HEAD_DIM = 256
 _BWD_BLOCK_M = 64  # Q rows per backward tile (csrc/bwd/api.h kBwdBlockM)
+_BWD_BLOCK_N_MIN = 64  # fewest keys per backward K/V tile (csrc/bwd/kernel_traits.h)
 
 
 class _Static(NamedTuple):
@@ -29,6 +30,7 @@ class _Static(NamedTuple):
     window_left: int
     window_right: int
     deterministic: bool = False
+    packing: str = ""  # "", "kv" or "qkv": how the kernel inputs are packed
 
 
 # ---- Validation -------------------------------------------------------------
@@ -121,8 +123,38 @@ def _kernel_head_dim(head_dim: int) -> int:
 def _pad_head_dim(kernel_dim: int, *xs):
     """Zero-pads the last dim to kernel_dim: zero columns add nothing to q.k and
     give zero output/gradient columns, which are sliced off."""
-    pad = [(0, 0)] * (xs[0].ndim - 1) + [(0, kernel_dim - xs[0].shape[-1])]
-    return tuple(jnp.pad(x, pad) if kernel_dim != x.shape[-1] else x for x in xs)
+    return tuple(
+        jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, kernel_dim - x.shape[-1])])
+        if kernel_dim != x.shape[-1] else x
+        for x in xs
+    )
+
+
+# Kernel inputs per packing, and the FFI target suffix that reads them in place:
+#   ""    (q, k, v)  q (..., seqlen_q, nheads, d), k/v (..., seqlen_k, nheads_k, d)
+#   "kv"  (q, kv)    kv (..., seqlen_k, 2, nheads_k, d)
+#   "qkv" (qkv,)     qkv (..., seqlen, 3, nheads, d)
+_TARGET_SUFFIX = {"": "", "kv": "_kvpacked", "qkv": "_qkvpacked"}
+
+
+def _unpack(xs, packing: str):
+    """(q, k, v) views of one packing's inputs (slices: copies under XLA)."""
+    if packing == "qkv":
+        (qkv,) = xs
+        return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    if packing == "kv":
+        q, kv = xs
+        return q, kv[..., 0, :, :], kv[..., 1, :, :]
+    return tuple(xs)
+
+
+def _q_shape(xs, packing: str):
+    """q's logical shape, seqlen_k and nheads_k, without slicing."""
+    if packing == "qkv":
+        *lead, seqlen, _, nheads, head_dim = xs[0].shape
+        return (*lead, seqlen, nheads, head_dim), seqlen, nheads
+    kv_shape = xs[1].shape
+    return xs[0].shape, kv_shape[-4 if packing == "kv" else -3], kv_shape[-2]
 
 
 def _score_attrs(static: _Static) -> dict:
@@ -133,45 +165,63 @@ def _score_attrs(static: _Static) -> dict:
     )
 
 
-def _fwd_kernel(q, k, v, static: _Static):
-    """(out, lse) from our CUDA kernel; q/k/v are (..., seqlen, heads, d)."""
-    head_dim = q.shape[-1]
-    q, k, v = _pad_head_dim(_kernel_head_dim(head_dim), q, k, v)
-    *lead, seqlen_q, nheads, _ = q.shape
+def _fwd_kernel(xs, static: _Static):
+    """(out, lse) from our CUDA kernel, reading the packed inputs in place."""
+    head_dim = xs[0].shape[-1]
+    xs = _pad_head_dim(_kernel_head_dim(head_dim), *xs)
+    q_shape, _, _ = _q_shape(xs, static.packing)
+    *lead, seqlen_q, nheads, _ = q_shape
     out_types = (
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(q_shape, xs[0].dtype),
         jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),
     )
     # Extra leading (vmapped) dims fold into the kernel's batch.
-    out, lse = jax.ffi.ffi_call("jax_flash_fwd", out_types, vmap_method="broadcast_all")(
-        q, k, v, **_score_attrs(static)
+    target = "jax_flash_fwd" + _TARGET_SUFFIX[static.packing]
+    out, lse = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(
+        *xs, **_score_attrs(static)
     )
     return out[..., :head_dim], lse
 
 
-def _bwd_kernel(q, k, v, out, lse, d_out, static: _Static):
-    """(dq, dk, dv) from our CUDA kernels."""
-    head_dim = q.shape[-1]
+def _compiled_head_dim(kernel_dim: int) -> int:
+    """The compiled kernel that serves kernel_dim (csrc/dispatch.cu's rule)."""
+    return min(c for c in _ffi.compiled_head_dims() if c >= kernel_dim)
+
+
+def _dq_accum_splits(batch: int, nheads_k: int, seqlen_k: int) -> int:
+    """Accumulator slices of the deterministic backward: one thread block per
+    (slice, K/V head, batch element), so enough slices to fill the GPU once,
+    and never more than there are K/V tiles."""
+    n_blocks = -(-seqlen_k // _BWD_BLOCK_N_MIN)
+    return max(1, min(n_blocks, _ffi.num_sms() // max(1, batch * nheads_k)))
+
+
+def _bwd_kernel(xs, out, lse, d_out, static: _Static):
+    """Gradients of the inputs xs, in their (packed) layout, from our kernels."""
+    head_dim = xs[0].shape[-1]
     kernel_dim = _kernel_head_dim(head_dim)
-    q, k, v, out, d_out = _pad_head_dim(kernel_dim, q, k, v, out, d_out)
-    *lead, seqlen_q, nheads, _ = q.shape
-    m_blocks = -(-seqlen_q // _BWD_BLOCK_M)
+    *xs, out, d_out = _pad_head_dim(kernel_dim, *xs, out, d_out)
+    q_shape, seqlen_k, nheads_k = _q_shape(xs, static.packing)
+    *lead, seqlen_q, nheads, _ = q_shape
+    seqlen_q_rounded = -(-seqlen_q // _BWD_BLOCK_M) * _BWD_BLOCK_M
+    splits = _dq_accum_splits(math.prod(lead), nheads_k, seqlen_k) if static.deterministic else 1
     out_types = (
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct(k.shape, k.dtype),
-        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs),
         # Scratch the kernels need, allocated by XLA and dropped here.
-        jax.ShapeDtypeStruct((*lead, seqlen_q, nheads, kernel_dim), jnp.float32),  # dq_accum
+        jax.ShapeDtypeStruct(  # dq_accum
+            (*lead, splits, nheads, seqlen_q_rounded, _compiled_head_dim(kernel_dim)), jnp.float32
+        ),
         jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),  # softmax_d
-        jax.ShapeDtypeStruct((*lead, nheads, m_blocks), jnp.int32),  # dq_semaphore
     )
-    dq, dk, dv, *_ = jax.ffi.ffi_call("jax_flash_bwd", out_types, vmap_method="broadcast_all")(
-        q, k, v, out, lse, d_out, deterministic=bool(static.deterministic), **_score_attrs(static)
+    target = "jax_flash_bwd" + _TARGET_SUFFIX[static.packing]
+    grads = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(
+        *xs, out, lse, d_out, deterministic=bool(static.deterministic), **_score_attrs(static)
     )
-    return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
+    return tuple(g[..., :head_dim] for g in grads[: len(xs)])
 
 
-def _reference(q, k, v, static: _Static):
+def _reference(xs, static: _Static):
+    q, k, v = _unpack(xs, static.packing)
     return reference.attention_ref(
         q,
         k,
@@ -182,24 +232,48 @@ def _reference(q, k, v, static: _Static):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention_gpu(q, k, v, static: _Static):
-    return _fwd_kernel(q, k, v, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_gpu(static: _Static, xs):
+    return _fwd_kernel(xs, static)
 
 
-def _attention_gpu_fwd(q, k, v, static):
-    out, lse = _fwd_kernel(q, k, v, static)
-    return (out, lse), (q, k, v, out, lse)
+def _attention_gpu_fwd(static, xs):
+    out, lse = _fwd_kernel(xs, static)
+    return (out, lse), (xs, out, lse)
 
 
 def _attention_gpu_bwd(static, residuals, cotangents):
     # The LSE output is not differentiable: its cotangent is ignored.
-    q, k, v, out, lse = residuals
+    xs, out, lse = residuals
     d_out, _ = cotangents
-    return _bwd_kernel(q, k, v, out, lse, d_out.astype(q.dtype), static)
+    return (_bwd_kernel(xs, out, lse, d_out.astype(xs[0].dtype), static),)
 
 
 _attention_gpu.defvjp(_attention_gpu_fwd, _attention_gpu_bwd)
+
+
+def _attention(xs, packing, dropout_p, softmax_scale, causal, window_size, softcap,
+               alibi_slopes, deterministic, return_attn_probs, dropout_key):
+    """Option validation and dispatch shared by the public functions (which
+    check their array arguments first)."""
+    if dropout_p != 0.0 or dropout_key is not None:
+        _not_yet("dropout_p", dropout_p, "dropout arrives with the score-modifier issue")
+    if softcap != 0.0:
+        _not_yet("softcap", softcap, "arrives with the score-modifier issue")
+    if alibi_slopes is not None:
+        _not_yet("alibi_slopes", "<array>", "arrives with the score-modifier issue")
+    left, right = _check_window(window_size, causal)
+    scale = _check_scale(softmax_scale, xs[0].shape[-1])
+    static = _Static(scale, left, right, bool(deterministic), packing)
+
+    if _ffi.on_gpu():
+        _ffi.kernels_or_raise()
+        out, lse = _attention_gpu(static, tuple(xs))
+    else:
+        out, lse = _reference(xs, static)
+    if return_attn_probs:
+        return out, jax.lax.stop_gradient(lse), None
+    return out
 
 
 # ---- Public API -------------------------------------------------------------
@@ -241,9 +315,12 @@ def flash_attn_func(
       window_size: (left, right) local window around that same diagonal; -1 is
         unbounded. causal=True sets right to 0.
       softcap, alibi_slopes: not implemented yet; must be 0 / None.
-      deterministic: make the backward pass bit-reproducible (dQ contributions
-        are added in a fixed order instead of by unordered atomics; slower).
-        The forward pass is always deterministic.
+      deterministic: make the backward pass bit-reproducible. Each thread
+        block adds its dQ contributions into its own float32 slice, and the
+        slices are summed in a fixed order. There are about
+        num_SMs / (batch * nheads_k) slices, each the size of dq in float32
+        (at least one), so this mode needs that much extra scratch memory. The
+        forward pass is always deterministic.
       return_attn_probs: also return the softmax LSE.
       dropout_key: JAX PRNG key for dropout (not implemented yet).
 
@@ -259,23 +336,15 @@ def flash_attn_func(
       NotImplementedError: dropout, softcap or ALiBi.
     """
     _check_qkv(q, k, v)
-    if dropout_p != 0.0 or dropout_key is not None:
-        _not_yet("dropout_p", dropout_p, "dropout arrives with the score-modifier issue")
-    if softcap != 0.0:
-        _not_yet("softcap", softcap, "arrives with the score-modifier issue")
-    if alibi_slopes is not None:
-        _not_yet("alibi_slopes", "<array>", "arrives with the score-modifier issue")
-    left, right = _check_window(window_size, causal)
-    static = _Static(_check_scale(softmax_scale, q.shape[-1]), left, right, bool(deterministic))
+    return _attention((q, k, v), "", dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, deterministic, return_attn_probs, dropout_key)
 
-    if _ffi.on_gpu():
-        _ffi.kernels_or_raise()
-        out, lse = _attention_gpu(q, k, v, static)
-    else:
-        out, lse = _reference(q, k, v, static)
-    if return_attn_probs:
-        return out, jax.lax.stop_gradient(lse), None
-    return out
+
+def _check_packed(name: str, x, packs: int, layout: str) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be a JAX array, got {type(x).__name__}")
+    if x.ndim != 5 or x.shape[2] != packs:
+        raise ValueError(f"{name} must have shape {layout}, got {_shape_str(x)}")
 
 
 def flash_attn_qkvpacked_func(
@@ -296,18 +365,15 @@ def flash_attn_qkvpacked_func(
     Args:
       qkv: (batch, seqlen, 3, nheads, headdim).
       Other arguments and the return value: as `flash_attn_func`. The gradient
-      is (batch, seqlen, 3, nheads, headdim).
+      is (batch, seqlen, 3, nheads, headdim). On a GPU the kernels read qkv in
+      place and write the gradient straight into the packed layout: no
+      slicing or concatenation copies.
     """
-    if not hasattr(qkv, "shape") or qkv.ndim != 5 or qkv.shape[2] != 3:
-        raise ValueError(
-            "qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
-            f"{getattr(qkv, 'shape', type(qkv).__name__)}"
-        )
-    return flash_attn_func(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
-        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-        dropout_key=dropout_key,
-    )
+    _check_packed("qkv", qkv, 3, "(batch, seqlen, 3, nheads, headdim)")
+    slot = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
+    _check_qkv(slot, slot, slot)
+    return _attention((qkv,), "qkv", dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, deterministic, return_attn_probs, dropout_key)
 
 
 def flash_attn_kvpacked_func(
@@ -329,14 +395,11 @@ def flash_attn_kvpacked_func(
     Args:
       q: (batch, seqlen_q, nheads, headdim).
       kv: (batch, seqlen_k, 2, nheads_k, headdim).
-      Other arguments and the return value: as `flash_attn_func`.
+      Other arguments and the return value: as `flash_attn_func`. On a GPU
+      kv is read in place and its gradient written in the packed layout.
     """
-    if not hasattr(kv, "shape") or kv.ndim != 5 or kv.shape[2] != 2:
-        raise ValueError(
-            "kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got "
-            f"{getattr(kv, 'shape', type(kv).__name__)}"
-        )
-    return flash_attn_func(
-        q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
-        alibi_slopes, deterministic, return_attn_probs, dropout_key=dropout_key,
-    )
+    _check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    slot = jax.ShapeDtypeStruct(kv.shape[:2] + kv.shape[3:], kv.dtype)
+    _check_qkv(q, slot, slot)
+    return _attention((q, kv), "kv", dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, deterministic, return_attn_probs, dropout_key)

@@ -16,5 +16,5 @@ done
 cd /tmp
 for v in "$@"; do
   PYTHONPATH=/tmp/exp_$v python3 "$repo/benchmarks/bench_attention.py" --impls jax_flash --out "$OUT" --tag "$v" \
-    ${BENCH_ARGS:-} 2>&1 | grep -E "^fwd " | sed "s/^/[$v] /"
+    ${BENCH_ARGS:-} 2>&1 | grep -E "^fwd" | sed "s/^/[$v] /"
 done

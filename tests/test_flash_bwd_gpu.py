@@ -90,8 +90,17 @@ def test_backward_large_inputs_stay_finite(seqlen, head_dim):
     _check(*_grads_and_refs(q, k, v, d_out, True), factor=5.0, atol=1e-3)
 
 
-def test_deterministic_backward_bit_identical():
-    q, k, v, d_out = _inputs(23, 2, 1000, 1100, HEADS["gqa"], 128, jnp.bfloat16)
+@pytest.mark.parametrize(
+    "batch,seqlens,heads,head_dim",
+    [
+        (2, (1000, 1100), HEADS["gqa"], 128),  # many accumulator slices per head
+        (2, (300, 257), HEADS["mqa"], 256),  # 64-key tiles
+        (70, (130, 190), (2, 2), 64),  # batch * nheads_k >= SMs: one slice
+    ],
+)
+def test_deterministic_backward_bit_identical(batch, seqlens, heads, head_dim):
+    skip_if_not_compiled(head_dim)
+    q, k, v, d_out = _inputs(23, batch, *seqlens, heads, head_dim, jnp.bfloat16)
     f = jax.jit(lambda q, k, v, d: _vjp(
         lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True, deterministic=True),
         q, k, v, d))
@@ -148,6 +157,12 @@ def test_packed_variants_match_unpacked():
     d_qkv = jax.grad(lambda x: loss(jax_flash.flash_attn_qkvpacked_func(x, **kw)))(qkv)
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(d_qkv[:, :, i]), np.asarray(ref[i]))
+    # The kernels read qkv in place and write d_qkv in the packed layout:
+    # the compiled gradient has no concatenate/slice around the custom calls.
+    hlo = jax.jit(jax.grad(lambda x: loss(jax_flash.flash_attn_qkvpacked_func(x, **kw)))).lower(
+        qkv).compile().as_text()
+    assert "jax_flash_bwd_qkvpacked" in hlo and "jax_flash_fwd_qkvpacked" in hlo
+    assert "concatenate" not in hlo and " slice(" not in hlo, hlo
     kv = jnp.stack([k, v], axis=2)
     dq, dkv = jax.grad(lambda q, kv: loss(jax_flash.flash_attn_kvpacked_func(q, kv, **kw)),
                        argnums=(0, 1))(q, kv)

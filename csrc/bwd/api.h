@@ -14,8 +14,8 @@ namespace jax_flash::bwd {
 template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream);
 
-// Rows of Q per backward tile: the dQ semaphore buffer holds
-// batch * nheads * ceil(seqlen_q / kBwdBlockM) ints.
+// Rows of Q per backward tile: the dQ accumulator's rows are seqlen_q
+// rounded up to a multiple of it.
 constexpr int kBwdBlockM = 64;
 
 // Launches preprocess, main and convert kernels for params.head_dim on the

@@ -7,10 +7,16 @@
 //        S  = Q K^T                 P  = exp(S * scale - LSE)   (recomputed)
 //        dP = dO V^T                dS = P * (dP - D)
 //        dV += P^T dO               dK += dS^T Q                (registers)
-//        dQ_accum += dS K           (float32 atomics, or ordered per Q tile
-//                                    when deterministic)
+//        dQ_accum += dS K           (float32 atomic adds)
 //      and writes dK * scale, dV once at the end,
-//   3. convert: dQ = dQ_accum * scale in the input dtype.
+//   3. convert: dQ = scale * sum over splits of dQ_accum, in the input dtype.
+// Deterministic mode launches fewer blocks than K/V tiles: block x handles
+// tiles x, x + gridDim.x, ... and adds into its own slice ("split") of the
+// accumulator, so every accumulator element has exactly one writing thread
+// and its additions happen in program order; the convert kernel then sums
+// the splits in a fixed order. The accumulator is
+// (batch, splits, nheads, seqlen_q_rounded, kHeadDim) float32: whole tiles
+// with compile-time strides, so the atomics need no predicates.
 // dS here is the gradient with respect to the scaled scores; the scale is
 // applied once to dQ and dK instead of once per element of dS.
 #pragma once
@@ -48,27 +54,43 @@ __global__ void softmax_d_kernel(const AttnBwdParams p) {
   if (lane == 0) p.softmax_d_ptr[warp] = sum;  // (batch, nheads, seqlen_q) row-major
 }
 
-// ---- 3. dQ = dQ_accum * scale ---------------------------------------------------
-template <typename Element>
+// ---- 3. dQ = scale * sum_s dQ_accum[s] -------------------------------------------
+// Four consecutive columns per thread (head_dim is a multiple of 8).
+template <typename Element, int kHeadDim>
 __global__ void convert_dq_kernel(const AttnBwdParams p) {
-  const int64_t total = int64_t(p.batch) * p.seqlen_q * p.nheads * p.head_dim;
+  const int chunks = p.head_dim / 4;
+  const int64_t total = int64_t(p.batch) * p.seqlen_q * p.nheads * chunks;
+  const int64_t split_stride = int64_t(p.nheads) * p.seqlen_q_rounded * kHeadDim;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int c = i % p.head_dim;
-    const int64_t r = i / p.head_dim;  // (batch, row, head) flattened
-    const float g = p.dq_accum_ptr[r * p.head_dim + c] * p.softmax_scale;
+    const int c = (i % chunks) * 4;
+    const int64_t r = i / chunks;  // (batch, row, head) flattened, as dq
     const int bidh = r % p.nheads;
     const int64_t row = (r / p.nheads) % p.seqlen_q;
     const int64_t bidb = r / (int64_t(p.nheads) * p.seqlen_q);
-    static_cast<Element*>(p.dq_ptr)[bidb * p.dq_batch_stride + row * p.dq_row_stride +
-                                    bidh * p.dq_head_stride + c] = Element(g);
+    const float* acc = p.dq_accum_ptr + bidb * p.dq_accum_splits * split_stride +
+                       (bidh * int64_t(p.seqlen_q_rounded) + row) * kHeadDim + c;
+    float4 sum = *reinterpret_cast<const float4*>(acc);
+    for (int s = 1; s < p.dq_accum_splits; ++s) {
+      const float4 part = *reinterpret_cast<const float4*>(acc + s * split_stride);
+      sum.x += part.x;
+      sum.y += part.y;
+      sum.z += part.z;
+      sum.w += part.w;
+    }
+    Element* dq = static_cast<Element*>(p.dq_ptr) + bidb * p.dq_batch_stride +
+                  row * p.dq_row_stride + bidh * p.dq_head_stride + c;
+    dq[0] = Element(sum.x * p.softmax_scale);
+    dq[1] = Element(sum.y * p.softmax_scale);
+    dq[2] = Element(sum.z * p.softmax_scale);
+    dq[3] = Element(sum.w * p.softmax_scale);
   }
 }
 
 // ---- 2. Main kernel -----------------------------------------------------------
 template <typename Traits, bool kIsLocal>
 __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
-                              const int bidh_k) {
+                              const int bidh_k, const int split) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -85,7 +107,6 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
                                               p.window_right);
   const int m_block_min = mask.m_block_min(n_block);
   const int m_block_max = mask.m_block_max(n_block);
-  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
 
   // ---- Global tiles ------------------------------------------------------------
   auto tile = [](auto* base, int64_t row_stride, auto tile_shape) {
@@ -109,6 +130,17 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
                     info.q_offset(p.do_batch_stride, p.do_row_stride, bidb) +
                     int64_t(m) * kBlockM * p.do_row_stride + h * p.do_head_stride,
                 p.do_row_stride, TileQ{});
+  };
+
+  // dQ accumulator tile m of query head h: static strides, so every atomic
+  // address is the thread's base plus an immediate.
+  float* const dq_accum_split =
+      p.dq_accum_ptr + (int64_t(bidb) * p.dq_accum_splits + split) * p.nheads *
+                           int64_t(p.seqlen_q_rounded) * kHeadDim;
+  auto dq_accum_tile = [&](int h, int m) {
+    return make_tensor(
+        make_gmem_ptr(dq_accum_split + (int64_t(h) * p.seqlen_q_rounded + m * kBlockM) * kHeadDim),
+        Layout<TileQ, Stride<Int<kHeadDim>, _1>>{});
   };
 
   // ---- Shared tiles ------------------------------------------------------------
@@ -204,7 +236,6 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(TileS{}));
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
   constexpr int kRowsS = decltype(size<0>(tScS_rc))::value;
-  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));     // (MMA, MMA_M, MMA_D)
 
   // Registers -> shared for P and dS.
   auto copy_c_sdp = make_tiled_copy_C(typename Traits::SmemCopyAtomC{}, mma_sdp);
@@ -303,32 +334,10 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
             thr_copy_b_dq.partition_S(sKt), mma_dq, copy_a_dq, copy_b_dq, thr_copy_a_dq,
             thr_copy_b_dq);
 
-    float* dq_accum = p.dq_accum_ptr +
-                      ((int64_t(bidb) * p.seqlen_q + int64_t(m_block) * kBlockM) * p.nheads + h) *
-                          p.head_dim;
-    const int64_t dq_row_stride = int64_t(p.nheads) * p.head_dim;
-    int* semaphore = p.dq_semaphore_ptr + (int64_t(bidb) * p.nheads + h) * num_m_blocks + m_block;
-    if (p.deterministic) {
-      // Tiles of keys add into this Q tile one after another, in key order:
-      // the sum, and so dQ, is the same bit for bit on every run. Blocks are
-      // dispatched in increasing blockIdx.x, so the one waited for is running.
-      const int first_n = mask.n_block_min(m_block);
-      if (tid == 0) {
-        while (atomicAdd(semaphore, 0) != n_block - first_n) {
-        }
-      }
-      __syncthreads();
-    }
+    // Rows past seqlen_q and padded columns add exact zeros into padding.
+    Tensor tdQgdQ = thr_dq.partition_C(dq_accum_tile(h, m_block));  // (MMA, MMA_M, MMA_D)
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); ++i) {
-      const int row = get<0>(tdQcdQ(i)), col = get<1>(tdQcdQ(i));
-      if (row < rows_left && col < p.head_dim) atomicAdd(dq_accum + row * dq_row_stride + col, acc_dq(i));
-    }
-    if (p.deterministic) {
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) atomicAdd(semaphore, 1);
-    }
+    for (int i = 0; i < size(acc_dq); ++i) atomicAdd(&tdQgdQ(i), acc_dq(i));
   }
 
   // ---- Epilogue: dK * scale, dV -> shared -> global --------------------------------
@@ -371,11 +380,16 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   store(sV, static_cast<Element*>(p.dv_ptr) + dv_off, p.dv_row_stride);
 }
 
-// Grid: (K/V tiles, nheads_k, batch).
+// Grid: (K/V tiles, or accumulator splits when deterministic; nheads_k; batch).
 template <typename Traits, bool kIsLocal>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attn_bwd_kernel(const __grid_constant__ AttnBwdParams params) {
-  attn_bwd_tile<Traits, kIsLocal>(params, blockIdx.x, blockIdx.z, blockIdx.y);
+  const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int split = params.deterministic ? blockIdx.x : 0;
+  for (int n_block = blockIdx.x; n_block < num_n_blocks; n_block += gridDim.x) {
+    attn_bwd_tile<Traits, kIsLocal>(params, n_block, blockIdx.z, blockIdx.y, split);
+    __syncthreads();  // the next tile reuses the shared memory
+  }
 }
 
 }  // namespace jax_flash::bwd

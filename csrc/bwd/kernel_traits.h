@@ -98,15 +98,25 @@ struct BwdTraits {
       GmemValLayout{}));
 };
 
-// Per compiled head dim. dK and dV accumulators take
-// 2 * kBlockN * kHeadDim / kNThreads registers per thread. 64 keys per block:
-// with 128 at d = 128 the kernel spilled 504 B per thread and ran 1.3x slower
-// (notes/kernel_experiments.md).
+// Per compiled head dim: (kBlockN, kSdPWarpsM, kdKVWarpsN, kdQWarpsM), all
+// with 64 query rows and 8 warps. dK and dV accumulators take
+// 2 * kBlockN * kHeadDim / 256 registers per thread, which bounds kBlockN for
+// the large head dims. Wider K/V tiles read less shared memory per MMA
+// (notes/kernel_experiments.md, entries 8 and 10).
+template <int kHeadDim>
+struct BwdShape {
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kSdPWarpsM = 2;
+  static constexpr int kdKVWarpsN = 4;
+  // dQ tiles (64, kHeadDim): two warps along M need kHeadDim % 64 == 0.
+  static constexpr int kdQWarpsM = kHeadDim == 128 ? 2 : 4;
+};
+
 template <typename Element, int kHeadDim>
 struct BwdConfig {
-  static constexpr int kBlockN = 64;
-  using Traits = BwdTraits<Element, kHeadDim, /*kBlockM=*/64, kBlockN, /*kNWarps=*/8,
-                           /*kSdPWarpsM=*/2, /*kdKVWarpsN=*/4, /*kdQWarpsM=*/4>;
+  using Shape_ = BwdShape<kHeadDim>;
+  using Traits = BwdTraits<Element, kHeadDim, /*kBlockM=*/64, Shape_::kBlockN, /*kNWarps=*/8,
+                           Shape_::kSdPWarpsM, Shape_::kdKVWarpsN, Shape_::kdQWarpsM>;
 };
 
 }  // namespace jax_flash::bwd

@@ -1,7 +1,7 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
 // The only place that launches the backward kernels: preprocess (D and the
-// zeroed dQ accumulator), main, convert.
+// zeroed dQ accumulator), main, convert (csrc/bwd/kernel.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,24 +18,21 @@ namespace jax_flash::bwd {
 template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<Element, kHeadDim>::Traits;
-  static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ semaphores");
+  static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ accumulator");
   const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
-  const size_t dq_accum_bytes = size_t(rows) * params.head_dim * sizeof(float);
+  const size_t dq_accum_bytes = size_t(params.batch) * params.dq_accum_splits * params.nheads *
+                                params.seqlen_q_rounded * kHeadDim * sizeof(float);
   cudaError_t err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_bytes, stream);
   if (err != cudaSuccess) return err;
-  if (params.deterministic) {
-    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-    err = cudaMemsetAsync(params.dq_semaphore_ptr, 0,
-                          sizeof(int) * size_t(params.batch) * params.nheads * m_blocks, stream);
-    if (err != cudaSuccess) return err;
-  }
 
   constexpr int kRowsPerBlock = 8;  // one warp per row
   softmax_d_kernel<Element><<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, 32 * kRowsPerBlock, 0,
                               stream>>>(params);
 
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-  const dim3 grid(num_n_blocks, params.nheads_k, params.batch);
+  // Deterministic: one block per accumulator split, each looping over K/V tiles.
+  const int grid_x = params.deterministic ? params.dq_accum_splits : num_n_blocks;
+  const dim3 grid(grid_x, params.nheads_k, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &attn_bwd_kernel<Traits, kIsLocal>;
   // Opt in to > 48 KB of shared memory once per device (see fwd/launch.h).
@@ -51,9 +48,9 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   }
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
 
-  const int64_t dq_elems = rows * params.head_dim;
-  const int convert_blocks = int(std::min<int64_t>((dq_elems + 255) / 256, 65536));
-  convert_dq_kernel<Element><<<convert_blocks, 256, 0, stream>>>(params);
+  const int64_t dq_chunks = rows * (params.head_dim / 4);
+  const int convert_blocks = int(std::min<int64_t>((dq_chunks + 255) / 256, 65536));
+  convert_dq_kernel<Element, kHeadDim><<<convert_blocks, 256, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

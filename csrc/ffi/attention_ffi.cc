@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "../bwd/api.h"
@@ -29,89 +30,121 @@ std::string ShapeString(ffi::Span<const int64_t> dims) {
   return s + (dims.size() == 1 ? ",)" : ")");
 }
 
-// (..., seqlen, heads, head_dim): every leading dim folds into the batch, which
-// is how vmap (vmap_method="broadcast_all") reaches the kernel.
-struct Bshd {
+// One of q, k, v, out or a gradient as the kernels see it: a base pointer and
+// element strides. A packed buffer (qkv or kv) gives one view per slot, so
+// the kernels read and write the packed layout directly, with no slicing or
+// concatenation copies around the custom call.
+struct View {
+  void* ptr = nullptr;
+  ffi::DataType dtype = ffi::DataType::INVALID;
   int64_t batch = 1, seqlen = 0, heads = 0, head_dim = 0;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
+  std::string shape;  // of the whole buffer, for error messages
 };
 
-ffi::Error ReadBshd(const char* name, ffi::AnyBuffer buf, Bshd* out) {
+// Unpacked (packs == 0): (batch..., seqlen, heads, head_dim). Packed:
+// (batch..., seqlen, packs, heads, head_dim), viewed at index `slot` of the
+// packs axis. Every leading dim folds into the batch, which is how vmap
+// (vmap_method="broadcast_all") reaches the kernel.
+ffi::Error ReadView(const char* name, const ffi::AnyBuffer& buf, int packs, int slot,
+                    View* v) {
   const auto dims = buf.dimensions();
-  if (dims.size() < 4) {
-    return ffi::Error::InvalidArgument(std::string(name) +
-                                       " must have rank >= 4 (batch..., seqlen, heads, "
-                                       "head_dim), got shape " + ShapeString(dims));
+  const size_t tail = packs ? 4 : 3;  // dims after the batch dims
+  v->shape = ShapeString(dims);
+  if (dims.size() < tail + 1) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + " must have rank >= " + std::to_string(tail + 1) +
+        (packs ? " (batch..., seqlen, " + std::to_string(packs) + ", heads, head_dim)"
+               : std::string(" (batch..., seqlen, heads, head_dim)")) +
+        ", got shape " + v->shape);
   }
-  const size_t r = dims.size();
-  out->batch = 1;
-  for (size_t i = 0; i + 3 < r; ++i) out->batch *= dims[i];
-  out->seqlen = dims[r - 3];
-  out->heads = dims[r - 2];
-  out->head_dim = dims[r - 1];
+  const size_t lead = dims.size() - tail;
+  if (packs && dims[lead + 1] != packs) {
+    return ffi::Error::InvalidArgument(std::string(name) + " must have " +
+                                       std::to_string(packs) + " at axis " +
+                                       std::to_string(lead + 1) + ", got shape " + v->shape);
+  }
+  v->batch = 1;
+  for (size_t i = 0; i < lead; ++i) v->batch *= dims[i];
+  v->seqlen = dims[lead];
+  v->heads = dims[dims.size() - 2];
+  v->head_dim = dims[dims.size() - 1];
+  v->dtype = buf.element_type();
+  v->head_stride = v->head_dim;
+  v->row_stride = (packs ? packs : 1) * v->heads * v->head_dim;
+  v->batch_stride = v->seqlen * v->row_stride;
+  const int64_t elem_bytes = (v->dtype == ffi::F16 || v->dtype == ffi::BF16) ? 2 : 0;
+  v->ptr = static_cast<char*>(buf.untyped_data()) + slot * v->heads * v->head_dim * elem_bytes;
+  return ffi::Error::Success();
+}
+
+// `v` must have the logical shape and dtype of `like`.
+ffi::Error SameView(const char* name, const View& v, const char* like_name, const View& like) {
+  if (v.dtype != like.dtype || v.batch != like.batch || v.seqlen != like.seqlen ||
+      v.heads != like.heads || v.head_dim != like.head_dim) {
+    return ffi::Error::InvalidArgument(std::string(name) + " " + v.shape +
+                                       " must match the shape and dtype of " + like_name + " " +
+                                       like.shape);
+  }
   return ffi::Error::Success();
 }
 
 // Validates q, k, v (dtype, shapes, head ratio, head dim) and fills the
-// sizes and dense row-major strides of AttnParams. Every handler starts here.
-ffi::Error SetQkv(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, AttnParams* p) {
-  const auto dtype = q.element_type();
+// sizes and strides of AttnParams. Every handler starts here.
+ffi::Error SetQkv(const View& q, const View& k, const View& v, AttnParams* p) {
+  const auto dtype = q.dtype;
   if (dtype != ffi::F16 && dtype != ffi::BF16) {
     return ffi::Error::InvalidArgument("q must be float16 or bfloat16");
   }
-  if (k.element_type() != dtype || v.element_type() != dtype) {
+  if (k.dtype != dtype || v.dtype != dtype) {
     return ffi::Error::InvalidArgument("q, k and v must share one dtype");
   }
-  Bshd sq, sk, sv;
-  if (auto e = ReadBshd("q", q, &sq); e.failure()) return e;
-  if (auto e = ReadBshd("k", k, &sk); e.failure()) return e;
-  if (auto e = ReadBshd("v", v, &sv); e.failure()) return e;
-  if (sk.batch != sq.batch || sv.batch != sq.batch || sk.seqlen != sv.seqlen ||
-      sk.heads != sv.heads || sk.head_dim != sq.head_dim || sv.head_dim != sq.head_dim) {
+  if (k.batch != q.batch || v.batch != q.batch || k.seqlen != v.seqlen || k.heads != v.heads ||
+      k.head_dim != q.head_dim || v.head_dim != q.head_dim) {
     return ffi::Error::InvalidArgument(
         "expected k and v of shape (batch..., seqlen_k, nheads_k, head_dim) matching q " +
-        ShapeString(q.dimensions()) + ", got k " + ShapeString(k.dimensions()) + " and v " +
-        ShapeString(v.dimensions()));
+        q.shape + ", got k " + k.shape + " and v " + v.shape);
   }
-  if (sk.heads == 0 || sq.heads % sk.heads != 0) {
-    return ffi::Error::InvalidArgument("nheads (" + std::to_string(sq.heads) +
+  if (k.heads == 0 || q.heads % k.heads != 0) {
+    return ffi::Error::InvalidArgument("nheads (" + std::to_string(q.heads) +
                                        ") must be a multiple of nheads_k (" +
-                                       std::to_string(sk.heads) + ")");
+                                       std::to_string(k.heads) + ")");
   }
-  if (sq.head_dim % 8 != 0 || fwd::kernel_head_dim(sq.head_dim) < 0) {
+  if (q.head_dim % 8 != 0 || fwd::kernel_head_dim(q.head_dim) < 0) {
     return ffi::Error::InvalidArgument(
-        "head_dim " + std::to_string(sq.head_dim) +
+        "head_dim " + std::to_string(q.head_dim) +
         " has no compiled kernel (needs a multiple of 8 up to the largest compiled head dim)");
   }
   // K/V tiles are addressed with 32-bit offsets inside a tile.
-  if (sk.heads * sk.head_dim >= (int64_t{1} << 24)) {
-    return ffi::Error::InvalidArgument("nheads_k * head_dim must be < 2^24, got " +
-                                       std::to_string(sk.heads * sk.head_dim));
+  if (k.row_stride >= (int64_t{1} << 24) || v.row_stride >= (int64_t{1} << 24)) {
+    return ffi::Error::InvalidArgument("the row stride of k/v (nheads_k * head_dim, times 2 "
+                                       "when packed) must be < 2^24, got " +
+                                       std::to_string(k.row_stride));
   }
   // Grid y/z limits.
-  if (sq.batch > 65535 || sq.heads > 65535) {
+  if (q.batch > 65535 || q.heads > 65535) {
     return ffi::Error::InvalidArgument("batch and nheads must be <= 65535, got batch " +
-                                       std::to_string(sq.batch) + " and nheads " +
-                                       std::to_string(sq.heads));
+                                       std::to_string(q.batch) + " and nheads " +
+                                       std::to_string(q.heads));
   }
-  p->q_ptr = q.untyped_data();
-  p->k_ptr = k.untyped_data();
-  p->v_ptr = v.untyped_data();
-  // Dense row-major buffers, as XLA hands them to custom calls.
-  p->q_head_stride = sq.head_dim;
-  p->q_row_stride = sq.heads * sq.head_dim;
-  p->q_batch_stride = sq.seqlen * p->q_row_stride;
-  p->k_head_stride = p->v_head_stride = sk.head_dim;
-  p->k_row_stride = p->v_row_stride = sk.heads * sk.head_dim;
-  p->k_batch_stride = p->v_batch_stride = sk.seqlen * p->k_row_stride;
-  p->o_head_stride = p->q_head_stride;
-  p->o_row_stride = p->q_row_stride;
-  p->o_batch_stride = p->q_batch_stride;
-  p->batch = static_cast<int>(sq.batch);
-  p->seqlen_q = static_cast<int>(sq.seqlen);
-  p->seqlen_k = static_cast<int>(sk.seqlen);
-  p->nheads = static_cast<int>(sq.heads);
-  p->nheads_k = static_cast<int>(sk.heads);
-  p->head_dim = static_cast<int>(sq.head_dim);
+  p->q_ptr = q.ptr;
+  p->k_ptr = k.ptr;
+  p->v_ptr = v.ptr;
+  p->q_batch_stride = q.batch_stride;
+  p->q_row_stride = q.row_stride;
+  p->q_head_stride = q.head_stride;
+  p->k_batch_stride = k.batch_stride;
+  p->k_row_stride = k.row_stride;
+  p->k_head_stride = k.head_stride;
+  p->v_batch_stride = v.batch_stride;
+  p->v_row_stride = v.row_stride;
+  p->v_head_stride = v.head_stride;
+  p->batch = static_cast<int>(q.batch);
+  p->seqlen_q = static_cast<int>(q.seqlen);
+  p->seqlen_k = static_cast<int>(k.seqlen);
+  p->nheads = static_cast<int>(q.heads);
+  p->nheads_k = static_cast<int>(k.heads);
+  p->head_dim = static_cast<int>(q.head_dim);
   p->h_per_hk = p->nheads / p->nheads_k;
   return ffi::Error::Success();
 }
@@ -124,21 +157,8 @@ void SetScoreOptions(float softmax_scale, int32_t window_left, int32_t window_ri
   p->window_right = window_right;
 }
 
-ffi::Error SameShape(const char* name, ffi::AnyBuffer buf, ffi::AnyBuffer like,
-                     const char* like_name) {
-  const auto a = buf.dimensions(), b = like.dimensions();
-  bool same = a.size() == b.size() && buf.element_type() == like.element_type();
-  for (size_t i = 0; same && i < a.size(); ++i) same = a[i] == b[i];
-  if (!same) {
-    return ffi::Error::InvalidArgument(std::string(name) + " must have " + like_name +
-                                       "'s shape " + ShapeString(b) + " and dtype, got " +
-                                       ShapeString(a));
-  }
-  return ffi::Error::Success();
-}
-
-fwd::Dtype KernelDtype(ffi::AnyBuffer q) {
-  return q.element_type() == ffi::F16 ? fwd::Dtype::kFloat16 : fwd::Dtype::kBFloat16;
+fwd::Dtype KernelDtype(ffi::DataType dtype) {
+  return dtype == ffi::F16 ? fwd::Dtype::kFloat16 : fwd::Dtype::kBFloat16;
 }
 
 ffi::Error LaunchError(const char* what, cudaError_t err) {
@@ -146,22 +166,159 @@ ffi::Error LaunchError(const char* what, cudaError_t err) {
                               " kernel launch failed: " + cudaGetErrorString(err));
 }
 
+// The packed q/k/v layouts a handler can be bound to.
+enum class Packing { kNone, kKv, kQkv };
+
+ffi::Error ReadQkv(Packing packing, const ffi::AnyBuffer& a, const ffi::AnyBuffer* b,
+                   const ffi::AnyBuffer* c, View* q, View* k, View* v) {
+  switch (packing) {
+    case Packing::kQkv:
+      if (auto e = ReadView("qkv", a, 3, 0, q); e.failure()) return e;
+      if (auto e = ReadView("qkv", a, 3, 1, k); e.failure()) return e;
+      return ReadView("qkv", a, 3, 2, v);
+    case Packing::kKv:
+      if (auto e = ReadView("q", a, 0, 0, q); e.failure()) return e;
+      if (auto e = ReadView("kv", *b, 2, 0, k); e.failure()) return e;
+      return ReadView("kv", *b, 2, 1, v);
+    case Packing::kNone:
+    default:
+      if (auto e = ReadView("q", a, 0, 0, q); e.failure()) return e;
+      if (auto e = ReadView("k", *b, 0, 0, k); e.failure()) return e;
+      return ReadView("v", *c, 0, 0, v);
+  }
+}
+
+ffi::Error RunFwd(cudaStream_t stream, const View& q, const View& k, const View& v,
+                  const ffi::AnyBuffer& out, ffi::Buffer<ffi::F32>& lse, float softmax_scale,
+                  int32_t window_left, int32_t window_right) {
+  AttnParams p;
+  if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
+  View o;
+  if (auto e = ReadView("out", out, 0, 0, &o); e.failure()) return e;
+  if (auto e = SameView("out", o, "q", q); e.failure()) return e;
+  if (lse.element_count() != size_t(p.batch) * p.nheads * p.seqlen_q) {
+    return ffi::Error::InvalidArgument("lse must have shape (batch..., nheads, seqlen_q)");
+  }
+  if (p.batch == 0 || p.seqlen_q == 0 || p.nheads == 0) return ffi::Error::Success();
+  p.o_ptr = o.ptr;
+  p.o_batch_stride = o.batch_stride;
+  p.o_row_stride = o.row_stride;
+  p.o_head_stride = o.head_stride;
+  p.lse_ptr = lse.typed_data();
+  SetScoreOptions(softmax_scale, window_left, window_right, &p);
+  const cudaError_t err = fwd::run_fwd(KernelDtype(q.dtype), p, stream);
+  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("forward", err);
+}
+
 ffi::Error AttnFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
                        int32_t window_left, int32_t window_right) {
-  AttnParams p;
-  if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
-  if (auto e = SameShape("out", *out, q, "q"); e.failure()) return e;
-  if (lse->element_count() != size_t(p.batch) * p.nheads * p.seqlen_q) {
-    return ffi::Error::InvalidArgument("lse must have shape (batch..., nheads, seqlen_q)");
+  View qv, kv, vv;
+  if (auto e = ReadQkv(Packing::kNone, q, &k, &v, &qv, &kv, &vv); e.failure()) return e;
+  return RunFwd(stream, qv, kv, vv, *out, *lse, softmax_scale, window_left, window_right);
+}
+
+ffi::Error AttnFwdKvpackedImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
+                               ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
+                               int32_t window_left, int32_t window_right) {
+  View qv, kv_k, kv_v;
+  if (auto e = ReadQkv(Packing::kKv, q, &kv, nullptr, &qv, &kv_k, &kv_v); e.failure()) return e;
+  return RunFwd(stream, qv, kv_k, kv_v, *out, *lse, softmax_scale, window_left, window_right);
+}
+
+ffi::Error AttnFwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv,
+                                ffi::Result<ffi::AnyBuffer> out,
+                                ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
+                                int32_t window_left, int32_t window_right) {
+  View qv, kv, vv;
+  if (auto e = ReadQkv(Packing::kQkv, qkv, nullptr, nullptr, &qv, &kv, &vv); e.failure()) {
+    return e;
   }
-  if (p.batch == 0 || p.seqlen_q == 0 || p.nheads == 0) return ffi::Error::Success();
-  p.o_ptr = out->untyped_data();
-  p.lse_ptr = lse->typed_data();
-  SetScoreOptions(softmax_scale, window_left, window_right, &p);
-  const cudaError_t err = fwd::run_fwd(KernelDtype(q), p, stream);
-  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("forward", err);
+  return RunFwd(stream, qv, kv, vv, *out, *lse, softmax_scale, window_left, window_right);
+}
+
+// The backward pass for any packing: q/k/v and dq/dk/dv arrive as views;
+// `grads` are the distinct gradient buffers (zeroed when nothing attends).
+struct BwdOptions {
+  float softmax_scale;
+  int32_t window_left, window_right;
+  bool deterministic;
+};
+
+ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View& v,
+                  const ffi::AnyBuffer& out, ffi::Buffer<ffi::F32>& lse,
+                  const ffi::AnyBuffer& d_out, const View& dq, const View& dk, const View& dv,
+                  std::initializer_list<const ffi::AnyBuffer*> grads,
+                  ffi::Buffer<ffi::F32>& dq_accum, ffi::Buffer<ffi::F32>& softmax_d,
+                  const BwdOptions& opt) {
+  AttnBwdParams p;
+  if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
+  View o, d_o;
+  if (auto e = ReadView("out", out, 0, 0, &o); e.failure()) return e;
+  if (auto e = ReadView("d_out", d_out, 0, 0, &d_o); e.failure()) return e;
+  if (auto e = SameView("out", o, "q", q); e.failure()) return e;
+  if (auto e = SameView("d_out", d_o, "q", q); e.failure()) return e;
+  if (auto e = SameView("dq", dq, "q", q); e.failure()) return e;
+  if (auto e = SameView("dk", dk, "k", k); e.failure()) return e;
+  if (auto e = SameView("dv", dv, "v", v); e.failure()) return e;
+  const size_t rows = size_t(p.batch) * p.nheads * p.seqlen_q;
+  const int64_t seqlen_q_rounded =
+      (p.seqlen_q + bwd::kBwdBlockM - 1) / bwd::kBwdBlockM * bwd::kBwdBlockM;
+  if (lse.element_count() != rows || softmax_d.element_count() != rows) {
+    return ffi::Error::InvalidArgument(
+        "lse and softmax_d must have shape (batch..., nheads, seqlen_q)");
+  }
+  // dq_accum: (batch..., splits, nheads, seqlen_q_rounded, kernel head dim).
+  const size_t split_elems =
+      size_t(p.batch) * p.nheads * seqlen_q_rounded * fwd::kernel_head_dim(p.head_dim);
+  const size_t splits = split_elems ? dq_accum.element_count() / split_elems : 1;
+  if (split_elems && (splits < 1 || splits * split_elems != dq_accum.element_count() ||
+                      (!opt.deterministic && splits != 1) || splits > 65535)) {
+    return ffi::Error::InvalidArgument(
+        "dq_accum must have shape (batch..., splits, nheads, " +
+        std::to_string(seqlen_q_rounded) + ", " +
+        std::to_string(fwd::kernel_head_dim(p.head_dim)) +
+        ") with splits == 1 unless deterministic, got " + ShapeString(dq_accum.dimensions()));
+  }
+  if (p.batch == 0 || p.nheads == 0 || p.seqlen_k == 0 || p.seqlen_q == 0) {
+    // Nothing attends: every gradient is zero.
+    for (const ffi::AnyBuffer* g : grads) {
+      const cudaError_t err = cudaMemsetAsync(g->untyped_data(), 0, g->size_bytes(), stream);
+      if (err != cudaSuccess) return LaunchError("backward", err);
+    }
+    return ffi::Error::Success();
+  }
+  p.o_ptr = o.ptr;
+  p.o_batch_stride = o.batch_stride;
+  p.o_row_stride = o.row_stride;
+  p.o_head_stride = o.head_stride;
+  p.lse_ptr = lse.typed_data();
+  p.do_ptr = d_o.ptr;
+  p.do_batch_stride = d_o.batch_stride;
+  p.do_row_stride = d_o.row_stride;
+  p.do_head_stride = d_o.head_stride;
+  p.dq_ptr = dq.ptr;
+  p.dq_batch_stride = dq.batch_stride;
+  p.dq_row_stride = dq.row_stride;
+  p.dq_head_stride = dq.head_stride;
+  p.dk_ptr = dk.ptr;
+  p.dk_batch_stride = dk.batch_stride;
+  p.dk_row_stride = dk.row_stride;
+  p.dk_head_stride = dk.head_stride;
+  p.dv_ptr = dv.ptr;
+  p.dv_batch_stride = dv.batch_stride;
+  p.dv_row_stride = dv.row_stride;
+  p.dv_head_stride = dv.head_stride;
+  p.dq_accum_ptr = dq_accum.typed_data();
+  p.softmax_d_ptr = softmax_d.typed_data();
+  p.dq_accum_splits = static_cast<int>(splits);
+  p.seqlen_q_rounded = static_cast<int>(seqlen_q_rounded);
+  p.deterministic = opt.deterministic;
+  SetScoreOptions(opt.softmax_scale, opt.window_left, opt.window_right, &p);
+  const cudaError_t err = bwd::run_bwd(KernelDtype(q.dtype), p, stream);
+  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("backward", err);
 }
 
 ffi::Error AttnBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -169,93 +326,128 @@ ffi::Error AttnBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer d_out, ffi::Result<ffi::AnyBuffer> dq,
                        ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                        ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                       ffi::Result<ffi::Buffer<ffi::F32>> softmax_d,
-                       ffi::Result<ffi::Buffer<ffi::S32>> dq_semaphore, float softmax_scale,
+                       ffi::Result<ffi::Buffer<ffi::F32>> softmax_d, float softmax_scale,
                        int32_t window_left, int32_t window_right, bool deterministic) {
-  AttnBwdParams p;
-  if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
-  if (auto e = SameShape("out", out, q, "q"); e.failure()) return e;
-  if (auto e = SameShape("d_out", d_out, q, "q"); e.failure()) return e;
-  if (auto e = SameShape("dq", *dq, q, "q"); e.failure()) return e;
-  if (auto e = SameShape("dk", *dk, k, "k"); e.failure()) return e;
-  if (auto e = SameShape("dv", *dv, v, "v"); e.failure()) return e;
-  const size_t rows = size_t(p.batch) * p.nheads * p.seqlen_q;
-  const size_t m_blocks = (p.seqlen_q + bwd::kBwdBlockM - 1) / bwd::kBwdBlockM;
-  if (lse.element_count() != rows || softmax_d->element_count() != rows) {
-    return ffi::Error::InvalidArgument(
-        "lse and softmax_d must have shape (batch..., nheads, seqlen_q)");
+  View qv, kv, vv, dqv, dkv, dvv;
+  if (auto e = ReadQkv(Packing::kNone, q, &k, &v, &qv, &kv, &vv); e.failure()) return e;
+  if (auto e = ReadView("dq", *dq, 0, 0, &dqv); e.failure()) return e;
+  if (auto e = ReadView("dk", *dk, 0, 0, &dkv); e.failure()) return e;
+  if (auto e = ReadView("dv", *dv, 0, 0, &dvv); e.failure()) return e;
+  return RunBwd(stream, qv, kv, vv, out, lse, d_out, dqv, dkv, dvv, {&*dq, &*dk, &*dv},
+                *dq_accum, *softmax_d, {softmax_scale, window_left, window_right, deterministic});
+}
+
+ffi::Error AttnBwdKvpackedImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
+                               ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse,
+                               ffi::AnyBuffer d_out, ffi::Result<ffi::AnyBuffer> dq,
+                               ffi::Result<ffi::AnyBuffer> dkv,
+                               ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
+                               ffi::Result<ffi::Buffer<ffi::F32>> softmax_d, float softmax_scale,
+                               int32_t window_left, int32_t window_right, bool deterministic) {
+  View qv, kv_k, kv_v, dqv, dkv_k, dkv_v;
+  if (auto e = ReadQkv(Packing::kKv, q, &kv, nullptr, &qv, &kv_k, &kv_v); e.failure()) return e;
+  if (auto e = ReadView("dq", *dq, 0, 0, &dqv); e.failure()) return e;
+  if (auto e = ReadView("dkv", *dkv, 2, 0, &dkv_k); e.failure()) return e;
+  if (auto e = ReadView("dkv", *dkv, 2, 1, &dkv_v); e.failure()) return e;
+  return RunBwd(stream, qv, kv_k, kv_v, out, lse, d_out, dqv, dkv_k, dkv_v, {&*dq, &*dkv},
+                *dq_accum, *softmax_d, {softmax_scale, window_left, window_right, deterministic});
+}
+
+ffi::Error AttnBwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::AnyBuffer out,
+                                ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer d_out,
+                                ffi::Result<ffi::AnyBuffer> dqkv,
+                                ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
+                                ffi::Result<ffi::Buffer<ffi::F32>> softmax_d,
+                                float softmax_scale, int32_t window_left, int32_t window_right,
+                                bool deterministic) {
+  View qv, kv, vv, dqv, dkv, dvv;
+  if (auto e = ReadQkv(Packing::kQkv, qkv, nullptr, nullptr, &qv, &kv, &vv); e.failure()) {
+    return e;
   }
-  if (dq_accum->element_count() != rows * p.head_dim) {
-    return ffi::Error::InvalidArgument("dq_accum must have shape (batch..., seqlen_q, nheads, " +
-                                       std::to_string(p.head_dim) + ")");
+  if (auto e = ReadQkv(Packing::kQkv, *dqkv, nullptr, nullptr, &dqv, &dkv, &dvv); e.failure()) {
+    return e;
   }
-  if (dq_semaphore->element_count() != size_t(p.batch) * p.nheads * m_blocks) {
-    return ffi::Error::InvalidArgument("dq_semaphore must have batch * nheads * " +
-                                       std::to_string(m_blocks) + " elements");
-  }
-  if (p.batch == 0 || p.nheads == 0 || p.seqlen_k == 0 || p.seqlen_q == 0) {
-    // Nothing attends: every gradient is zero.
-    for (auto* g : {&dq, &dk, &dv}) {
-      const cudaError_t err = cudaMemsetAsync((*g)->untyped_data(), 0, (*g)->size_bytes(), stream);
-      if (err != cudaSuccess) return LaunchError("backward", err);
-    }
-    return ffi::Error::Success();
-  }
-  p.o_ptr = const_cast<void*>(out.untyped_data());
-  p.lse_ptr = lse.typed_data();
-  p.do_ptr = d_out.untyped_data();
-  p.dq_ptr = dq->untyped_data();
-  p.dk_ptr = dk->untyped_data();
-  p.dv_ptr = dv->untyped_data();
-  p.do_batch_stride = p.dq_batch_stride = p.q_batch_stride;
-  p.do_row_stride = p.dq_row_stride = p.q_row_stride;
-  p.do_head_stride = p.dq_head_stride = p.q_head_stride;
-  p.dk_batch_stride = p.dv_batch_stride = p.k_batch_stride;
-  p.dk_row_stride = p.dv_row_stride = p.k_row_stride;
-  p.dk_head_stride = p.dv_head_stride = p.k_head_stride;
-  p.dq_accum_ptr = dq_accum->typed_data();
-  p.softmax_d_ptr = softmax_d->typed_data();
-  p.dq_semaphore_ptr = dq_semaphore->typed_data();
-  p.deterministic = deterministic;
-  SetScoreOptions(softmax_scale, window_left, window_right, &p);
-  const cudaError_t err = bwd::run_bwd(KernelDtype(q), p, stream);
-  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("backward", err);
+  return RunBwd(stream, qv, kv, vv, out, lse, d_out, dqv, dkv, dvv, {&*dqkv}, *dq_accum,
+                *softmax_d, {softmax_scale, window_left, window_right, deterministic});
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnFwd, AttnFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q (batch..., seqlen_q, nheads, d)
-                                  .Arg<ffi::AnyBuffer>()  // k (batch..., seqlen_k, nheads_k, d)
-                                  .Arg<ffi::AnyBuffer>()  // v (batch..., seqlen_k, nheads_k, d)
-                                  .Ret<ffi::AnyBuffer>()  // out, q's shape
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse (batch..., nheads, seqlen_q)
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<int32_t>("window_left")    // -1: unbounded
-                                  .Attr<int32_t>("window_right"),  // -1: unbounded; causal: 0
+namespace {
+
+// Attributes shared by every handler.
+template <typename Binding>
+auto ScoreAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<float>("softmax_scale")
+      .template Attr<int32_t>("window_left")    // -1: unbounded
+      .template Attr<int32_t>("window_right");  // -1: unbounded; causal: 0
+}
+
+// Forward: inputs, then out (q's logical shape) and lse (batch..., nheads, seqlen_q).
+template <typename Binding>
+auto FwdRets(Binding binding) {
+  return ScoreAttrs(std::move(binding).template Ret<ffi::AnyBuffer>().template Ret<
+                    ffi::Buffer<ffi::F32>>());
+}
+
+// Backward: after the gradients, the scratch dq_accum and softmax_d.
+template <typename Binding>
+auto BwdTail(Binding binding) {
+  return ScoreAttrs(std::move(binding)
+                        .template Ret<ffi::Buffer<ffi::F32>>()    // scratch: dq_accum
+                        .template Ret<ffi::Buffer<ffi::F32>>())   // scratch: softmax_d
+      .template Attr<bool>("deterministic");
+}
+
+auto Stream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
+
+}  // namespace
+
+// q (batch..., seqlen_q, nheads, d), k/v (batch..., seqlen_k, nheads_k, d),
+// kv (batch..., seqlen_k, 2, nheads_k, d), qkv (batch..., seqlen, 3, nheads, d).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    AttnFwd, AttnFwdImpl,
+    FwdRets(Stream().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()),
+    {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnFwdKvpacked, AttnFwdKvpackedImpl,
+                              FwdRets(Stream().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnFwdQkvpacked, AttnFwdQkvpackedImpl,
+                              FwdRets(Stream().Arg<ffi::AnyBuffer>()),
                               {ffi::Traits::kCmdBufferCompatible});
 
+// Inputs, then out, lse (forward) and d_out; returns the gradients in the
+// inputs' layout, then scratch.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwd, AttnBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()           // q
-                                  .Arg<ffi::AnyBuffer>()           // k
-                                  .Arg<ffi::AnyBuffer>()           // v
-                                  .Arg<ffi::AnyBuffer>()           // out (forward output)
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // lse (forward)
-                                  .Arg<ffi::AnyBuffer>()           // d_out
-                                  .Ret<ffi::AnyBuffer>()           // dq, q's shape
-                                  .Ret<ffi::AnyBuffer>()           // dk, k's shape
-                                  .Ret<ffi::AnyBuffer>()           // dv, v's shape
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // scratch: dq_accum
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // scratch: softmax_d
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // scratch: dq_semaphore
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<int32_t>("window_left")
-                                  .Attr<int32_t>("window_right")
-                                  .Attr<bool>("deterministic"),
+                              BwdTail(Stream()
+                                          .Arg<ffi::AnyBuffer>()         // q
+                                          .Arg<ffi::AnyBuffer>()         // k
+                                          .Arg<ffi::AnyBuffer>()         // v
+                                          .Arg<ffi::AnyBuffer>()         // out
+                                          .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                          .Arg<ffi::AnyBuffer>()         // d_out
+                                          .Ret<ffi::AnyBuffer>()         // dq
+                                          .Ret<ffi::AnyBuffer>()         // dk
+                                          .Ret<ffi::AnyBuffer>()),       // dv
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwdKvpacked, AttnBwdKvpackedImpl,
+                              BwdTail(Stream()
+                                          .Arg<ffi::AnyBuffer>()         // q
+                                          .Arg<ffi::AnyBuffer>()         // kv
+                                          .Arg<ffi::AnyBuffer>()         // out
+                                          .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                          .Arg<ffi::AnyBuffer>()         // d_out
+                                          .Ret<ffi::AnyBuffer>()         // dq
+                                          .Ret<ffi::AnyBuffer>()),       // dkv
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwdQkvpacked, AttnBwdQkvpackedImpl,
+                              BwdTail(Stream()
+                                          .Arg<ffi::AnyBuffer>()         // qkv
+                                          .Arg<ffi::AnyBuffer>()         // out
+                                          .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                          .Arg<ffi::AnyBuffer>()         // d_out
+                                          .Ret<ffi::AnyBuffer>()),       // dqkv
                               {ffi::Traits::kCmdBufferCompatible});
 
 int CompiledHeadDimFor(int head_dim) { return fwd::kernel_head_dim(head_dim); }

@@ -25,7 +25,11 @@ NB_MODULE(_C, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["jax_flash_fwd"] = Capsule(jax_flash::AttnFwd);
+    targets["jax_flash_fwd_kvpacked"] = Capsule(jax_flash::AttnFwdKvpacked);
+    targets["jax_flash_fwd_qkvpacked"] = Capsule(jax_flash::AttnFwdQkvpacked);
     targets["jax_flash_bwd"] = Capsule(jax_flash::AttnBwd);
+    targets["jax_flash_bwd_kvpacked"] = Capsule(jax_flash::AttnBwdKvpacked);
+    targets["jax_flash_bwd_qkvpacked"] = Capsule(jax_flash::AttnBwdQkvpacked);
     return targets;
   }, "FFI target name -> handler capsule, for platform CUDA.");
   m.def("compiled_head_dims", []() {
