@@ -88,6 +88,24 @@ __global__ void convert_dq_kernel(const AttnBwdParams p) {
 }
 
 // ---- 2. Main kernel -----------------------------------------------------------
+// dst += src with float32 atomics. An MMA accumulator holds pairs of adjacent
+// columns, which sm_90 adds with one 8-byte vector atomic (half the atomic
+// instructions: they throttled the load/store pipe, notes/kernel_experiments.md).
+template <typename TD, typename TS>
+__device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  static_assert(decltype(stride<0, 0>(dst.layout()))::value == 1 &&
+                decltype(size<0, 0>(dst.layout()))::value == 2);
+  CUTE_UNROLL
+  for (int i = 0; i < size(src); i += 2) {
+    atomicAdd(reinterpret_cast<float2*>(&dst(i)), make_float2(src(i), src(i + 1)));
+  }
+#else
+  CUTE_UNROLL
+  for (int i = 0; i < size(src); ++i) atomicAdd(&dst(i), src(i));
+#endif
+}
+
 template <typename Traits, bool kIsLocal>
 __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
                               const int bidh_k, const int split) {
@@ -109,8 +127,11 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   const int m_block_max = mask.m_block_max(n_block);
 
   // ---- Global tiles ------------------------------------------------------------
+  // A 64-bit tile base plus 32-bit offsets inside the tile (the handler bounds
+  // the row strides), as in the forward kernel: fewer live address registers.
   auto tile = [](auto* base, int64_t row_stride, auto tile_shape) {
-    return make_tensor(make_gmem_ptr(base), make_layout(tile_shape, make_stride(row_stride, _1{})));
+    return make_tensor(make_gmem_ptr(base),
+                       make_layout(tile_shape, make_stride(int(row_stride), _1{})));
   };
   const int64_t k_off = info.k_offset(p.k_batch_stride, p.k_row_stride, bidb) +
                         int64_t(n_block) * kBlockN * p.k_row_stride + bidh_k * p.k_head_stride;
@@ -118,17 +139,20 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
                         int64_t(n_block) * kBlockN * p.v_row_stride + bidh_k * p.v_head_stride;
   Tensor gK = tile(static_cast<const Element*>(p.k_ptr) + k_off, p.k_row_stride, TileKV{});  // (N, D)
   Tensor gV = tile(static_cast<const Element*>(p.v_ptr) + v_off, p.v_row_stride, TileKV{});  // (N, D)
-  // Q / dO tile m of query head h.
-  auto q_tile = [&](int h, int m) {
-    return tile(static_cast<const Element*>(p.q_ptr) +
-                    info.q_offset(p.q_batch_stride, p.q_row_stride, bidb) +
-                    int64_t(m) * kBlockM * p.q_row_stride + h * p.q_head_stride,
+  // Q / dO tile m of query head h_first + dh.
+  const int h_first = bidh_k * p.h_per_hk;
+  const Element* q_base = static_cast<const Element*>(p.q_ptr) +
+                          info.q_offset(p.q_batch_stride, p.q_row_stride, bidb) +
+                          int64_t(h_first) * p.q_head_stride;
+  const Element* do_base = static_cast<const Element*>(p.do_ptr) +
+                           info.q_offset(p.do_batch_stride, p.do_row_stride, bidb) +
+                           int64_t(h_first) * p.do_head_stride;
+  auto q_tile = [&](int dh, int m) {
+    return tile(q_base + dh * p.q_head_stride + int64_t(m) * kBlockM * p.q_row_stride,
                 p.q_row_stride, TileQ{});
   };
-  auto do_tile = [&](int h, int m) {
-    return tile(static_cast<const Element*>(p.do_ptr) +
-                    info.q_offset(p.do_batch_stride, p.do_row_stride, bidb) +
-                    int64_t(m) * kBlockM * p.do_row_stride + h * p.do_head_stride,
+  auto do_tile = [&](int dh, int m) {
+    return tile(do_base + dh * p.do_head_stride + int64_t(m) * kBlockM * p.do_row_stride,
                 p.do_row_stride, TileQ{});
   };
 
@@ -184,12 +208,11 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   CUTE_UNROLL
   for (int k = 0; k < size(tDok); ++k) tDok(k) = get<1>(tQcQ(0, 0, k)) < p.head_dim;
 
-  const int h_first = bidh_k * p.h_per_hk;
-  auto load_q_do = [&](int h, int m, int stage) {
+  auto load_q_do = [&](int dh, int m, int stage) {
     const int rows = info.seqlen_q - m * kBlockM;
-    copy_tile(gmem_copy, gmem_thr.partition_S(q_tile(h, m)), gmem_thr.partition_D(sQ(stage)),
+    copy_tile(gmem_copy, gmem_thr.partition_S(q_tile(dh, m)), gmem_thr.partition_D(sQ(stage)),
               tQcQ, tDok, rows);
-    copy_tile(gmem_copy, gmem_thr.partition_S(do_tile(h, m)), gmem_thr.partition_D(sdO(stage)),
+    copy_tile(gmem_copy, gmem_thr.partition_S(do_tile(dh, m)), gmem_thr.partition_D(sdO(stage)),
               tQcQ, tDok, rows);
   };
 
@@ -250,27 +273,28 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
             keys_left);
   copy_tile(gmem_copy, gmem_thr.partition_S(gV), gmem_thr.partition_D(sV), tKVcKV, tDok,
             keys_left);
-  if (num_steps > 0) load_q_do(h_first, m_block_min, 0);
+  if (num_steps > 0) load_q_do(0, m_block_min, 0);
   cp_async_fence();
 
   const float scale_log2 = p.softmax_scale_log2;
   constexpr float kLog2e = 1.4426950408889634f;
 
   CUTE_NO_UNROLL
+  int dh = 0, m_block = m_block_min;  // this step's query head (h_first + dh) and Q tile
   for (int step = 0; step < num_steps; ++step) {
-    const int h = h_first + step / steps_per_head;
-    const int m_block = m_block_min + step % steps_per_head;
+    const int h = h_first + dh;
     const int stage = step % 2;
     const int rows_left = info.seqlen_q - m_block * kBlockM;
 
     cp_async_wait<0>();
     __syncthreads();  // Q/dO of this step landed; the previous step is done with
                       // sP, sdS and the other Q/dO stage.
-    if (step + 1 < num_steps) {
-      const int h_next = h_first + (step + 1) / steps_per_head;
-      const int m_next = m_block_min + (step + 1) % steps_per_head;
-      load_q_do(h_next, m_next, stage ^ 1);
+    int dh_next = dh, m_next = m_block + 1;
+    if (m_next == m_block_max) {
+      m_next = m_block_min;
+      ++dh_next;
     }
+    if (step + 1 < num_steps) load_q_do(dh_next, m_next, stage ^ 1);
     cp_async_fence();
 
     // This Q tile's LSE and D, loaded before the GEMMs so that their latency
@@ -336,8 +360,9 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
 
     // Rows past seqlen_q and padded columns add exact zeros into padding.
     Tensor tdQgdQ = thr_dq.partition_C(dq_accum_tile(h, m_block));  // (MMA, MMA_M, MMA_D)
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); ++i) atomicAdd(&tdQgdQ(i), acc_dq(i));
+    add_to_global(tdQgdQ, acc_dq);
+    dh = dh_next;
+    m_block = m_next;
   }
 
   // ---- Epilogue: dK * scale, dV -> shared -> global --------------------------------

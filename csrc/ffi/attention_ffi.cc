@@ -115,11 +115,13 @@ ffi::Error SetQkv(const View& q, const View& k, const View& v, AttnParams* p) {
         "head_dim " + std::to_string(q.head_dim) +
         " has no compiled kernel (needs a multiple of 8 up to the largest compiled head dim)");
   }
-  // K/V tiles are addressed with 32-bit offsets inside a tile.
-  if (k.row_stride >= (int64_t{1} << 24) || v.row_stride >= (int64_t{1} << 24)) {
-    return ffi::Error::InvalidArgument("the row stride of k/v (nheads_k * head_dim, times 2 "
-                                       "when packed) must be < 2^24, got " +
-                                       std::to_string(k.row_stride));
+  // Tiles are addressed with 32-bit offsets inside a tile.
+  for (const View* x : {&q, &k, &v}) {
+    if (x->row_stride >= (int64_t{1} << 24)) {
+      return ffi::Error::InvalidArgument(
+          "the row stride of q/k/v (heads * head_dim, times 2 or 3 when packed) must be < "
+          "2^24, got " + std::to_string(x->row_stride));
+    }
   }
   // Grid y/z limits.
   if (q.batch > 65535 || q.heads > 65535) {
