@@ -36,14 +36,17 @@ def main():
     args = p.parse_args()
     impls = {
         "jax_flash": lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True),
+        # One float32 dQ slice per thread block of the deterministic backward.
+        "jax_flash_det": lambda q, k, v: jax_flash.flash_attn_func(
+            q, k, v, causal=True, deterministic=True),
         "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                             implementation="xla"),
     }
-    print(f"{'impl':10s} {'seqlen':>7s} {'temp MiB':>10s} {'total MiB':>10s}")
+    print(f"{'impl':14s} {'seqlen':>7s} {'temp MiB':>10s} {'total MiB':>10s}")
     for name, attn in impls.items():
         for s in (int(x) for x in args.seqlens.split(",")):
             temp, total = step_memory(attn, s, args.headdim)
-            print(f"{name:10s} {s:7d} {temp / 2**20:10.1f} {total / 2**20:10.1f}")
+            print(f"{name:14s} {s:7d} {temp / 2**20:10.1f} {total / 2**20:10.1f}")
 
 
 if __name__ == "__main__":
