@@ -279,8 +279,8 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   const float scale_log2 = p.softmax_scale_log2;
   constexpr float kLog2e = 1.4426950408889634f;
 
-  CUTE_NO_UNROLL
   int dh = 0, m_block = m_block_min;  // this step's query head (h_first + dh) and Q tile
+  CUTE_NO_UNROLL
   for (int step = 0; step < num_steps; ++step) {
     const int h = h_first + dh;
     const int stage = step % 2;
