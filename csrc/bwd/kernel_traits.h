@@ -101,15 +101,16 @@ struct BwdTraits {
 // Per compiled head dim: (kBlockN, kSdPWarpsM, kdKVWarpsN, kdQWarpsM), all
 // with 64 query rows and 8 warps. dK and dV accumulators take
 // 2 * kBlockN * kHeadDim / 256 registers per thread, which bounds kBlockN for
-// the large head dims. Wider K/V tiles read less shared memory per MMA
-// (notes/kernel_experiments.md, entries 8 and 10).
+// the large head dims. Wider K/V tiles read less shared memory per MMA, and
+// above d = 128 warps tiled 4x2 / 2x4 / 2x4 beat 2x4 / 4x2 / 4x2 by 5-9%
+// (notes/kernel_experiments.md, entries 8, 10 and 16).
 template <int kHeadDim>
 struct BwdShape {
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
-  static constexpr int kSdPWarpsM = 2;
-  static constexpr int kdKVWarpsN = 4;
+  static constexpr int kSdPWarpsM = kHeadDim > 128 ? 4 : 2;
+  static constexpr int kdKVWarpsN = kHeadDim > 128 ? 2 : 4;
   // dQ tiles (64, kHeadDim): two warps along M need kHeadDim % 64 == 0.
-  static constexpr int kdQWarpsM = kHeadDim == 128 ? 2 : 4;
+  static constexpr int kdQWarpsM = kHeadDim >= 128 ? 2 : 4;
 };
 
 template <typename Element, int kHeadDim>
