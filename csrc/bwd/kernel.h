@@ -182,22 +182,14 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   Tensor sdS = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdS{}); // (M, N)
   Tensor sPt = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdSt{});  // (N, M)
   Tensor sdSt = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdSt{}); // (N, M)
-  auto sQ = [&](int stage) {
-    return make_tensor(make_smem_ptr(smem_q + stage * Traits::kSmemQdOElems),
-                       typename Traits::SmemLayoutQdO{});  // (M, D)
+  // Stage `stage` of the double-buffered Q or dO tile, as (M, D) or transposed.
+  auto staged = [](Element* base, int stage, auto layout) {
+    return make_tensor(make_smem_ptr(base + stage * Traits::kSmemQdOElems), layout);
   };
-  auto sdO = [&](int stage) {
-    return make_tensor(make_smem_ptr(smem_do + stage * Traits::kSmemQdOElems),
-                       typename Traits::SmemLayoutQdO{});  // (M, D)
-  };
-  auto sQt = [&](int stage) {
-    return make_tensor(make_smem_ptr(smem_q + stage * Traits::kSmemQdOElems),
-                       typename Traits::SmemLayoutQdOt{});  // (D, M)
-  };
-  auto sdOt = [&](int stage) {
-    return make_tensor(make_smem_ptr(smem_do + stage * Traits::kSmemQdOElems),
-                       typename Traits::SmemLayoutQdOt{});  // (D, M)
-  };
+  auto sQ = [&](int stage) { return staged(smem_q, stage, typename Traits::SmemLayoutQdO{}); };
+  auto sdO = [&](int stage) { return staged(smem_do, stage, typename Traits::SmemLayoutQdO{}); };
+  auto sQt = [&](int stage) { return staged(smem_q, stage, typename Traits::SmemLayoutQdOt{}); };
+  auto sdOt = [&](int stage) { return staged(smem_do, stage, typename Traits::SmemLayoutQdOt{}); };
 
   // ---- Global -> shared ----------------------------------------------------------
   typename Traits::GmemTiledCopy gmem_copy;

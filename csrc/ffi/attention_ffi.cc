@@ -89,6 +89,16 @@ ffi::Error SameView(const char* name, const View& v, const char* like_name, cons
   return ffi::Error::Success();
 }
 
+// Copies a view's pointer and strides into the AttnParams fields of one operand.
+template <typename Ptr>
+void SetOperand(const View& v, Ptr* ptr, int64_t* batch_stride, int64_t* row_stride,
+                int64_t* head_stride) {
+  *ptr = v.ptr;
+  *batch_stride = v.batch_stride;
+  *row_stride = v.row_stride;
+  *head_stride = v.head_stride;
+}
+
 // Validates q, k, v (dtype, shapes, head ratio, head dim) and fills the
 // sizes and strides of AttnParams. Every handler starts here.
 ffi::Error SetQkv(const View& q, const View& k, const View& v, AttnParams* p) {
@@ -129,18 +139,9 @@ ffi::Error SetQkv(const View& q, const View& k, const View& v, AttnParams* p) {
                                        std::to_string(q.batch) + " and nheads " +
                                        std::to_string(q.heads));
   }
-  p->q_ptr = q.ptr;
-  p->k_ptr = k.ptr;
-  p->v_ptr = v.ptr;
-  p->q_batch_stride = q.batch_stride;
-  p->q_row_stride = q.row_stride;
-  p->q_head_stride = q.head_stride;
-  p->k_batch_stride = k.batch_stride;
-  p->k_row_stride = k.row_stride;
-  p->k_head_stride = k.head_stride;
-  p->v_batch_stride = v.batch_stride;
-  p->v_row_stride = v.row_stride;
-  p->v_head_stride = v.head_stride;
+  SetOperand(q, &p->q_ptr, &p->q_batch_stride, &p->q_row_stride, &p->q_head_stride);
+  SetOperand(k, &p->k_ptr, &p->k_batch_stride, &p->k_row_stride, &p->k_head_stride);
+  SetOperand(v, &p->v_ptr, &p->v_batch_stride, &p->v_row_stride, &p->v_head_stride);
   p->batch = static_cast<int>(q.batch);
   p->seqlen_q = static_cast<int>(q.seqlen);
   p->seqlen_k = static_cast<int>(k.seqlen);
@@ -202,10 +203,8 @@ ffi::Error RunFwd(cudaStream_t stream, const View& q, const View& k, const View&
     return ffi::Error::InvalidArgument("lse must have shape (batch..., nheads, seqlen_q)");
   }
   if (p.batch == 0 || p.seqlen_q == 0 || p.nheads == 0) return ffi::Error::Success();
-  p.o_ptr = o.ptr;
-  p.o_batch_stride = o.batch_stride;
-  p.o_row_stride = o.row_stride;
-  p.o_head_stride = o.head_stride;
+  SetOperand(o, &p.o_ptr, &p.o_batch_stride, &p.o_row_stride,
+             &p.o_head_stride);
   p.lse_ptr = lse.typed_data();
   SetScoreOptions(softmax_scale, window_left, window_right, &p);
   const cudaError_t err = fwd::run_fwd(KernelDtype(q.dtype), p, stream);
@@ -292,27 +291,17 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
     }
     return ffi::Error::Success();
   }
-  p.o_ptr = o.ptr;
-  p.o_batch_stride = o.batch_stride;
-  p.o_row_stride = o.row_stride;
-  p.o_head_stride = o.head_stride;
+  SetOperand(o, &p.o_ptr, &p.o_batch_stride, &p.o_row_stride,
+             &p.o_head_stride);
   p.lse_ptr = lse.typed_data();
-  p.do_ptr = d_o.ptr;
-  p.do_batch_stride = d_o.batch_stride;
-  p.do_row_stride = d_o.row_stride;
-  p.do_head_stride = d_o.head_stride;
-  p.dq_ptr = dq.ptr;
-  p.dq_batch_stride = dq.batch_stride;
-  p.dq_row_stride = dq.row_stride;
-  p.dq_head_stride = dq.head_stride;
-  p.dk_ptr = dk.ptr;
-  p.dk_batch_stride = dk.batch_stride;
-  p.dk_row_stride = dk.row_stride;
-  p.dk_head_stride = dk.head_stride;
-  p.dv_ptr = dv.ptr;
-  p.dv_batch_stride = dv.batch_stride;
-  p.dv_row_stride = dv.row_stride;
-  p.dv_head_stride = dv.head_stride;
+  SetOperand(d_o, &p.do_ptr, &p.do_batch_stride, &p.do_row_stride,
+             &p.do_head_stride);
+  SetOperand(dq, &p.dq_ptr, &p.dq_batch_stride, &p.dq_row_stride,
+             &p.dq_head_stride);
+  SetOperand(dk, &p.dk_ptr, &p.dk_batch_stride, &p.dk_row_stride,
+             &p.dk_head_stride);
+  SetOperand(dv, &p.dv_ptr, &p.dv_batch_stride, &p.dv_row_stride,
+             &p.dv_head_stride);
   p.dq_accum_ptr = dq_accum.typed_data();
   p.softmax_d_ptr = softmax_d.typed_data();
   p.dq_accum_splits = static_cast<int>(splits);
