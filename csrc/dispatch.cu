@@ -1,12 +1,13 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
-// Runtime (dtype, head dim, mask kind) -> compiled kernel, for the forward and
+// Runtime (dtype, head dim, kernel variant) -> compiled kernel, for the forward and
 // the backward pass. Which head dims exist is decided by the build
 // (JAX_FLASH_HEADDIMS defines one JAX_FLASH_HDIM_<d> macro per compiled head
 // dim); both passes are compiled for the same set.
 #include "bwd/api.h"
 #include "fwd/api.h"
-#include "static_switch.h"
+#include <type_traits>
+
 
 namespace jax_flash {
 namespace {
@@ -61,6 +62,24 @@ cudaError_t with_head_dim(int kernel_dim, Launch&& launch) {
 
 // Causal is a window with right = 0: one kernel serves both.
 bool is_local(const AttnParams& p) { return p.window_left >= 0 || p.window_right >= 0; }
+// Softcap and ALiBi run in the local kernel with the modifiers on (an
+// unbounded window costs it only the seqlen_k edge check); dropout in the one
+// with dropout on top.
+bool has_mods(const AttnParams& p) {
+  return p.softcap_premul != 0.f || p.alibi_slopes_ptr != nullptr;
+}
+bool has_dropout(const AttnParams& p) { return p.rng_ptr != nullptr; }
+
+// Calls launch(kIsLocal, kHasMods, kHasDropout) as integral constants, for
+// the variant compiled for params (csrc/generate_kernels.py).
+template <typename Launch>
+cudaError_t with_variant(const AttnParams& p, Launch&& launch) {
+  using T = std::true_type;
+  using F = std::false_type;
+  if (has_dropout(p)) return launch(T{}, T{}, T{});
+  if (has_mods(p)) return launch(T{}, T{}, F{});
+  return is_local(p) ? launch(T{}, F{}, F{}) : launch(F{}, F{}, F{});
+}
 
 }  // namespace
 
@@ -74,12 +93,14 @@ int kernel_head_dim(int head_dim) {
 }
 
 cudaError_t run_fwd(Dtype dtype, const AttnParams& params, cudaStream_t stream) {
-  return BOOL_SWITCH(is_local(params), kIsLocal, [&] {
+  return with_variant(params, [&](auto local, auto mods, auto dropout) {
+    constexpr bool kIsLocal = decltype(local)::value, kHasMods = decltype(mods)::value,
+                   kHasDropout = decltype(dropout)::value;
     return with_head_dim(kernel_head_dim(params.head_dim), [&](auto hdim) {
       constexpr int kHeadDim = decltype(hdim)::value;
       return dtype == Dtype::kFloat16
-                 ? launch_fwd<cutlass::half_t, kHeadDim, kIsLocal>(params, stream)
-                 : launch_fwd<cutlass::bfloat16_t, kHeadDim, kIsLocal>(params, stream);
+                 ? launch_fwd<cutlass::half_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream)
+                 : launch_fwd<cutlass::bfloat16_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream);
     });
   });
 }
@@ -89,12 +110,14 @@ cudaError_t run_fwd(Dtype dtype, const AttnParams& params, cudaStream_t stream) 
 namespace bwd {
 
 cudaError_t run_bwd(fwd::Dtype dtype, const AttnBwdParams& params, cudaStream_t stream) {
-  return BOOL_SWITCH(is_local(params), kIsLocal, [&] {
+  return with_variant(params, [&](auto local, auto mods, auto dropout) {
+    constexpr bool kIsLocal = decltype(local)::value, kHasMods = decltype(mods)::value,
+                   kHasDropout = decltype(dropout)::value;
     return with_head_dim(fwd::kernel_head_dim(params.head_dim), [&](auto hdim) {
       constexpr int kHeadDim = decltype(hdim)::value;
       return dtype == fwd::Dtype::kFloat16
-                 ? launch_bwd<cutlass::half_t, kHeadDim, kIsLocal>(params, stream)
-                 : launch_bwd<cutlass::bfloat16_t, kHeadDim, kIsLocal>(params, stream);
+                 ? launch_bwd<cutlass::half_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream)
+                 : launch_bwd<cutlass::bfloat16_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream);
     });
   });
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes one .cu per compiled kernel into csrc/instantiations/.
 
-One translation unit per (pass, dtype, head dim, mask kind) lets the build run them
+One translation unit per (pass, dtype, head dim, variant) lets the build run them
 in parallel and lets JAX_FLASH_HEADDIMS compile a subset (CMake picks files by
 the `hdim<d>` in their names). Run it after changing the lists below:
 
@@ -13,9 +13,17 @@ import pathlib
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
-# "local" covers causal and sliding windows (runtime bounds); "full" has only
-# the seqlen_k edge to mask.
-MASKS = {"full": "false", "local": "true"}
+# variant -> (kIsLocal, kHasMods, kHasDropout). "full" has only the seqlen_k
+# edge to mask; "local" covers causal and sliding windows (runtime bounds);
+# "mods" adds softcap and ALiBi (runtime switches) to the local kernel and
+# "dropout" dropout on top. Dropout gets its own kernel because its RNG state
+# pushed the others into register spills.
+VARIANTS = {
+    "full": ("false", "false", "false"),
+    "local": ("true", "false", "false"),
+    "mods": ("true", "true", "false"),
+    "dropout": ("true", "true", "true"),
+}
 
 # pass -> (header, namespace, launch function, params type)
 PASSES = {
@@ -28,7 +36,7 @@ TEMPLATE = """\
 #include "../{header}"
 
 namespace jax_flash::{ns} {{
-template cudaError_t {fn}<{dtype}, {hdim}, {is_local}>(const {params}&, cudaStream_t);
+template cudaError_t {fn}<{dtype}, {hdim}, {is_local}, {has_mods}, {has_dropout}>(const {params}&, cudaStream_t);
 }}  // namespace jax_flash::{ns}
 """
 
@@ -38,14 +46,15 @@ def main() -> None:
     out_dir.mkdir(exist_ok=True)
     for old in out_dir.glob("*.cu"):
         old.unlink()
-    for (pname, (header, ns, fn, params)), hdim, (dname, dtype), (mname, is_local) in (
-        itertools.product(PASSES.items(), HEAD_DIMS, DTYPES.items(), MASKS.items())
+    for (pname, (header, ns, fn, params)), hdim, (dname, dtype), (vname, flags) in (
+        itertools.product(PASSES.items(), HEAD_DIMS, DTYPES.items(), VARIANTS.items())
     ):
-        path = out_dir / f"{pname}_hdim{hdim}_{dname}_{mname}.cu"
+        is_local, has_mods, has_dropout = flags
+        path = out_dir / f"{pname}_hdim{hdim}_{dname}_{vname}.cu"
         path.write_text(
             TEMPLATE.format(
                 header=header, ns=ns, fn=fn, params=params, dtype=dtype, hdim=hdim,
-                is_local=is_local,
+                is_local=is_local, has_mods=has_mods, has_dropout=has_dropout,
             )
         )
 

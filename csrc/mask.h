@@ -13,8 +13,9 @@
 
 namespace jax_flash {
 
-template <int kBlockM, int kBlockN, bool kIsLocal>
+template <int kBlockM_, int kBlockN_, bool kIsLocal>
 struct Mask {
+  static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_;
   int seqlen_q, seqlen_k;
   int left, right;  // window half-widths; "unbounded" is replaced by a width
                     // that reaches past every key, so no branch is needed

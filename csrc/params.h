@@ -45,17 +45,25 @@ struct AttnParams {
 
   // ---- Score modifiers -----------------------------------------------------
   float softmax_scale = 1.f;       // multiplies q.k
-  float softmax_scale_log2 = 1.f;  // softmax_scale * log2(e): exp(x*s) = exp2(x*s*log2e)
+  float softmax_scale_log2 = 1.f;  // softmax_lse_scale * log2(e): exp(x*s) = exp2(x*s*log2e)
   // Local window in key positions relative to the bottom-right aligned
   // diagonal (i + seqlen_k - seqlen_q). < 0 means unbounded on that side.
   // causal is window_right = 0.
   int window_left = -1;
   int window_right = -1;
-  float softcap = 0.f;                    // 0: off            [score-modifier issue]
-  const float* alibi_slopes_ptr = nullptr;  // (batch?, nheads)  [score-modifier issue]
-  int64_t alibi_batch_stride = 0;
-  float dropout_p = 0.f;                  // probability to drop [score-modifier issue]
-  uint64_t rng_seed = 0, rng_offset = 0;
+  // Softcap, ALiBi and dropout (score_mods.h). The handler fills every
+  // derived field (set_score_scales in ffi/attention_ffi.cc).
+  float softcap = 0.f;             // 0: off
+  float softcap_premul = 0.f;      // softmax_scale / softcap; 0: off
+  // Scores are kept in units where exp(x * softmax_lse_scale) is the
+  // unnormalised probability: softmax_scale, or softcap when capping.
+  float softmax_lse_scale = 1.f;
+  const float* alibi_slopes_ptr = nullptr;  // (batch, nheads) float32; nullptr: off
+  float dropout_p = 0.f;                    // probability to drop; 0: off
+  float dropout_rescale = 1.f;              // 1 / (1 - dropout_p)
+  uint32_t dropout_threshold = 0;           // round(dropout_p * 65536)
+  // (batch, 4) uint32: seed lo, seed hi, batch index, unused; nullptr: no dropout.
+  const uint32_t* rng_ptr = nullptr;
 
   // ---- Variable length / paged K/V / decoding ---------------------------
   // Prefix sums of sequence lengths, (batch + 1,) int32; nullptr: fixed length.

@@ -31,6 +31,8 @@ class _Static(NamedTuple):
     window_right: int
     deterministic: bool = False
     packing: str = ""  # "", "kv" or "qkv": how the kernel inputs are packed
+    softcap: float = 0.0
+    dropout_p: float = 0.0
 
 
 # ---- Validation -------------------------------------------------------------
@@ -99,10 +101,61 @@ def _check_scale(softmax_scale, head_dim: int) -> float:
     return scale
 
 
-def _not_yet(name: str, value, issue: str) -> None:
-    raise NotImplementedError(
-        f"jax_flash.flash_attn_func: {name}={value!r} is not implemented yet ({issue})"
-    )
+def _check_softcap(softcap) -> float:
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a float >= 0, got {softcap!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    return value
+
+
+def _check_alibi(alibi_slopes, batch: int, nheads: int):
+    """float32 (batch, nheads) slopes, or None."""
+    if alibi_slopes is None:
+        return None
+    if not hasattr(alibi_slopes, "shape") or not hasattr(alibi_slopes, "dtype"):
+        raise TypeError(
+            f"alibi_slopes must be a float32 array of shape ({nheads},) or ({batch}, {nheads}), "
+            f"got {type(alibi_slopes).__name__}"
+        )
+    if alibi_slopes.dtype != jnp.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.shape not in ((nheads,), (batch, nheads)):
+        raise ValueError(
+            f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+            f"got {_shape_str(alibi_slopes)}"
+        )
+    return jnp.broadcast_to(alibi_slopes, (batch, nheads))
+
+
+def _check_dropout(dropout_p, dropout_key, batch: int):
+    """(dropout_p as float, the kernels' rng state (batch, 4) or None)."""
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if p == 0.0:
+        return p, None  # a key without dropout is allowed (and unused)
+    if dropout_key is None:
+        raise ValueError(
+            f"dropout_key: expected a JAX PRNG key (jax.random.key(...)) when dropout_p > 0, "
+            f"got None (dropout_p={dropout_p!r})"
+        )
+    dtype = getattr(dropout_key, "dtype", None)
+    shape = getattr(dropout_key, "shape", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    raw = dtype == jnp.uint32 and shape == (2,)
+    if not (typed or raw):
+        raise TypeError(
+            "dropout_key must be one JAX PRNG key: a typed key of shape () from "
+            f"jax.random.key, or a uint32 (2,) key from jax.random.PRNGKey; got dtype {dtype} "
+            f"shape {shape}"
+        )
+    return p, reference.dropout_rng(dropout_key, batch)
 
 
 # ---- Kernel path ------------------------------------------------------------
@@ -162,10 +215,28 @@ def _score_attrs(static: _Static) -> dict:
         softmax_scale=np.float32(static.softmax_scale),
         window_left=np.int32(static.window_left),
         window_right=np.int32(static.window_right),
+        softcap=np.float32(static.softcap),
+        dropout_p=np.float32(static.dropout_p),
+        dropout_threshold=np.int32(reference.dropout_threshold(static.dropout_p)),
     )
 
 
-def _fwd_kernel(xs, static: _Static):
+class _Mods(NamedTuple):
+    """Array operands of the score modifiers; empty arrays when off (the
+    handlers take them either way)."""
+
+    alibi: jax.Array  # float32 (batch, nheads) or (0,)
+    rng: jax.Array  # uint32 (batch, 4) or (0,)
+
+    @staticmethod
+    def of(alibi, rng) -> "_Mods":
+        return _Mods(
+            jnp.zeros((0,), jnp.float32) if alibi is None else alibi,
+            jnp.zeros((0,), jnp.uint32) if rng is None else rng,
+        )
+
+
+def _fwd_kernel(xs, mods: _Mods, static: _Static):
     """(out, lse) from our CUDA kernel, reading the packed inputs in place."""
     head_dim = xs[0].shape[-1]
     xs = _pad_head_dim(_kernel_head_dim(head_dim), *xs)
@@ -178,7 +249,7 @@ def _fwd_kernel(xs, static: _Static):
     # Extra leading (vmapped) dims fold into the kernel's batch.
     target = "jax_flash_fwd" + _TARGET_SUFFIX[static.packing]
     out, lse = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(
-        *xs, **_score_attrs(static)
+        *xs, *mods, **_score_attrs(static)
     )
     return out[..., :head_dim], lse
 
@@ -196,7 +267,7 @@ def _dq_accum_splits(batch: int, nheads_k: int, seqlen_k: int) -> int:
     return max(1, min(n_blocks, _ffi.num_sms() // max(1, batch * nheads_k)))
 
 
-def _bwd_kernel(xs, out, lse, d_out, static: _Static):
+def _bwd_kernel(xs, mods: _Mods, out, lse, d_out, static: _Static):
     """Gradients of the inputs xs, in their (packed) layout, from our kernels."""
     head_dim = xs[0].shape[-1]
     kernel_dim = _kernel_head_dim(head_dim)
@@ -215,38 +286,64 @@ def _bwd_kernel(xs, out, lse, d_out, static: _Static):
     )
     target = "jax_flash_bwd" + _TARGET_SUFFIX[static.packing]
     grads = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(
-        *xs, out, lse, d_out, deterministic=bool(static.deterministic), **_score_attrs(static)
+        *xs, out, lse, d_out, *mods, deterministic=bool(static.deterministic),
+        **_score_attrs(static)
     )
     return tuple(g[..., :head_dim] for g in grads[: len(xs)])
 
 
-def _reference(xs, static: _Static):
+def _dropout_mask(q_shape, seqlen_k: int, rng, static: _Static):
+    """The kernels' keep-mask (batch, nheads, seqlen_q, seqlen_k), bool."""
+    batch, seqlen_q, nheads, _ = q_shape
+    if _ffi.on_gpu():
+        keep = jax.ffi.ffi_call(
+            "jax_flash_dropout_mask",
+            jax.ShapeDtypeStruct((batch, nheads, seqlen_q, seqlen_k), jnp.uint8),
+            vmap_method="broadcast_all",
+        )(rng, dropout_threshold=np.int32(reference.dropout_threshold(static.dropout_p)))
+        return keep != 0
+    return reference.dropout_keep_mask(rng, nheads, seqlen_q, seqlen_k, static.dropout_p)
+
+
+def _reference(xs, mods: _Mods, static: _Static):
     q, k, v = _unpack(xs, static.packing)
+    batch, seqlen_q, nheads, _ = q.shape
+    keep = None
+    if static.dropout_p > 0:
+        keep = reference.dropout_keep_mask(mods.rng, nheads, seqlen_q, k.shape[1],
+                                           static.dropout_p)
     return reference.attention_ref(
         q,
         k,
         v,
         softmax_scale=static.softmax_scale,
         window_size=(static.window_left, static.window_right),
+        softcap=static.softcap,
+        alibi_slopes=mods.alibi if mods.alibi.size else None,
+        dropout_p=static.dropout_p,
+        dropout_mask=keep,
         upcast=True,
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention_gpu(static: _Static, xs):
-    return _fwd_kernel(xs, static)
+def _attention_gpu(static: _Static, xs, mods: _Mods):
+    return _fwd_kernel(xs, mods, static)
 
 
-def _attention_gpu_fwd(static, xs):
-    out, lse = _fwd_kernel(xs, static)
-    return (out, lse), (xs, out, lse)
+def _attention_gpu_fwd(static, xs, mods):
+    out, lse = _fwd_kernel(xs, mods, static)
+    return (out, lse), (xs, mods, out, lse)
 
 
 def _attention_gpu_bwd(static, residuals, cotangents):
-    # The LSE output is not differentiable: its cotangent is ignored.
-    xs, out, lse = residuals
+    # The LSE output is not differentiable: its cotangent is ignored. So are
+    # the ALiBi slopes and the dropout RNG state (zero / float0 cotangents).
+    xs, mods, out, lse = residuals
     d_out, _ = cotangents
-    return (_bwd_kernel(xs, out, lse, d_out.astype(xs[0].dtype), static),)
+    grads = _bwd_kernel(xs, mods, out, lse, d_out.astype(xs[0].dtype), static)
+    no_grad = _Mods(jnp.zeros_like(mods.alibi), np.zeros(mods.rng.shape, jax.dtypes.float0))
+    return grads, no_grad
 
 
 _attention_gpu.defvjp(_attention_gpu_fwd, _attention_gpu_bwd)
@@ -256,24 +353,32 @@ def _attention(xs, packing, dropout_p, softmax_scale, causal, window_size, softc
                alibi_slopes, deterministic, return_attn_probs, dropout_key):
     """Option validation and dispatch shared by the public functions (which
     check their array arguments first)."""
-    if dropout_p != 0.0 or dropout_key is not None:
-        _not_yet("dropout_p", dropout_p, "dropout arrives with the score-modifier issue")
-    if softcap != 0.0:
-        _not_yet("softcap", softcap, "arrives with the score-modifier issue")
-    if alibi_slopes is not None:
-        _not_yet("alibi_slopes", "<array>", "arrives with the score-modifier issue")
+    q_shape, seqlen_k, _ = _q_shape(xs, packing)
+    batch, _, nheads, head_dim = q_shape
     left, right = _check_window(window_size, causal)
-    scale = _check_scale(softmax_scale, xs[0].shape[-1])
-    static = _Static(scale, left, right, bool(deterministic), packing)
+    scale = _check_scale(softmax_scale, head_dim)
+    softcap = _check_softcap(softcap)
+    alibi = _check_alibi(alibi_slopes, batch, nheads)
+    dropout_p, rng = _check_dropout(dropout_p, dropout_key, batch)
+    static = _Static(scale, left, right, bool(deterministic), packing, softcap, dropout_p)
+    mods = _Mods.of(alibi, rng)
 
     if _ffi.on_gpu():
         _ffi.kernels_or_raise()
-        out, lse = _attention_gpu(static, tuple(xs))
+        out, lse = _attention_gpu(static, tuple(xs), mods)
     else:
-        out, lse = _reference(xs, static)
-    if return_attn_probs:
-        return out, jax.lax.stop_gradient(lse), None
-    return out
+        out, lse = _reference(xs, mods, static)
+    if not return_attn_probs:
+        return out
+    lse = jax.lax.stop_gradient(lse)
+    q, k, _ = _unpack(xs, packing)
+    probs = reference.attention_probs(
+        jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), lse, softmax_scale=scale,
+        window_size=(left, right), softcap=softcap, alibi_slopes=alibi)
+    if dropout_p > 0:
+        keep = _dropout_mask(q_shape, seqlen_k, rng, static)
+        probs = jnp.where(keep, probs, -probs)
+    return out, lse, probs
 
 
 # ---- Public API -------------------------------------------------------------
@@ -307,33 +412,48 @@ def flash_attn_func(
       k: (batch, seqlen_k, nheads_k, headdim), q's dtype; nheads % nheads_k == 0
         (MQA/GQA: query head h reads K/V head h // (nheads // nheads_k)).
       v: (batch, seqlen_k, nheads_k, headdim), q's dtype.
-      dropout_p: not implemented yet; must be 0.
+      dropout_p: dropout probability in [0, 1) applied to the attention
+        probabilities (kept ones scaled by 1 / (1 - dropout_p)); needs
+        dropout_key. Honoured to 2^-17 (16-bit random numbers).
       softmax_scale: scale of q.k; default 1 / sqrt(headdim).
       causal: mask keys after the query, aligned to the bottom-right corner of
         the (seqlen_q, seqlen_k) score matrix when the lengths differ (query i
         sees keys j <= i + seqlen_k - seqlen_q).
       window_size: (left, right) local window around that same diagonal; -1 is
         unbounded. causal=True sets right to 0.
-      softcap, alibi_slopes: not implemented yet; must be 0 / None.
+      softcap: if > 0, scores s = scale * q.k become softcap * tanh(s / softcap)
+        before masking and softmax (Gemma-2 style); 0 is off.
+      alibi_slopes: float32 (nheads,) or (batch, nheads); adds
+        -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key
+        j. Not differentiable (treated as a constant).
       deterministic: make the backward pass bit-reproducible. Each thread
         block adds its dQ contributions into its own float32 slice, and the
         slices are summed in a fixed order. There are about
         num_SMs / (batch * nheads_k) slices, each the size of dq in float32
         (at least one), so this mode needs that much extra scratch memory. The
         forward pass is always deterministic.
-      return_attn_probs: also return the softmax LSE.
-      dropout_key: JAX PRNG key for dropout (not implemented yet).
+      return_attn_probs: also return the softmax LSE and the attention
+        probabilities (for testing, small sizes: they are materialised).
+      dropout_key: a JAX PRNG key (`jax.random.key` or `jax.random.PRNGKey`),
+        required when dropout_p > 0. Its bits seed the kernels' counter-based
+        RNG (`jax_flash.reference.dropout_keep_mask` is the same mask in plain
+        JAX); the forward and backward pass draw the same mask, the same key
+        gives bit-identical results and the batch elements get independent
+        masks. Under `vmap`, per-example keys give independent masks and an
+        unbatched key gives each example the mask it would get alone.
 
     Returns:
       out: (batch, seqlen_q, nheads, headdim) in q's dtype; or, with
-      return_attn_probs=True, `(out, softmax_lse, None)` where softmax_lse is
+      return_attn_probs=True, `(out, softmax_lse, attn_probs)`: softmax_lse is
       (batch, nheads, seqlen_q) float32 (natural log; +inf for a query that
-      sees no key, whose output is 0). The LSE is not differentiable: gradients
-      flow through `out` only.
+      sees no key, whose output is 0); attn_probs is (batch, nheads,
+      seqlen_q, seqlen_k) float32, exp(score - softmax_lse) computed by XLA
+      from q, k and the kernel's LSE, before dropout's rescaling, with the
+      entries the kernel dropped negated (FlashAttention's convention). Neither
+      is differentiable: gradients flow through `out` only.
 
     Raises:
       TypeError, ValueError: bad shapes, dtypes or options, before any kernel.
-      NotImplementedError: dropout, softcap or ALiBi.
     """
     _check_qkv(q, k, v)
     return _attention((q, k, v), "", dropout_p, softmax_scale, causal, window_size, softcap,

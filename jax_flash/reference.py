@@ -26,7 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["attention_ref", "attention_varlen_ref", "kvcache_ref"]
+__all__ = [
+    "attention_probs",
+    "attention_ref",
+    "attention_varlen_ref",
+    "dropout_keep_mask",
+    "dropout_rng",
+    "dropout_threshold",
+    "kvcache_ref",
+    "philox4x32_10",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -123,6 +132,29 @@ def _check_qkv(q, k, v):
         _fail("k", f"nheads_k dividing nheads={nheads}", f"nheads_k={nheads_k}")
 
 
+def _scores(q, k, *, softmax_scale, causal, window_size, softcap, alibi_slopes, segment_mask,
+            key_lengths, upcast):
+    """float32 ``(batch, nheads, seqlen_q, seqlen_k)`` scores after scaling,
+    softcap and ALiBi, with invisible keys at -inf. k already has nheads heads."""
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    if upcast:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_HIGHEST)
+    else:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_low_precision(q.dtype))
+    scores = scores.astype(jnp.float32) * jnp.float32(softmax_scale)
+    if softcap > 0:
+        scores = jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
+    if alibi_slopes is not None:
+        rel = _relative_positions(seqlen_q, seqlen_k, key_lengths)
+        scores = scores - alibi_slopes[:, :, None, None] * jnp.abs(rel).astype(jnp.float32)
+
+    mask = _visibility_mask(seqlen_q, seqlen_k, causal=causal, window_size=window_size,
+                            key_lengths=key_lengths)
+    if segment_mask is not None:
+        mask = mask & segment_mask
+    return jnp.where(mask, scores, -jnp.inf)
+
+
 def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_slopes,
                dropout_p=0.0, dropout_mask=None, segment_mask=None, key_lengths=None,
                upcast=True):
@@ -150,22 +182,9 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_sl
         k = jnp.repeat(k, groups, axis=2)
         v = jnp.repeat(v, groups, axis=2)
 
-    if upcast:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_HIGHEST)
-    else:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_low_precision(q.dtype))
-    scores = scores.astype(jnp.float32) * jnp.float32(softmax_scale)
-    if softcap > 0:
-        scores = jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
-    if alibi_slopes is not None:
-        rel = _relative_positions(seqlen_q, seqlen_k, key_lengths)
-        scores = scores - alibi_slopes[:, :, None, None] * jnp.abs(rel).astype(jnp.float32)
-
-    mask = _visibility_mask(seqlen_q, seqlen_k, causal=causal, window_size=window_size,
-                            key_lengths=key_lengths)
-    if segment_mask is not None:
-        mask = mask & segment_mask
-    scores = jnp.where(mask, scores, -jnp.inf)
+    scores = _scores(q, k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                     softcap=softcap, alibi_slopes=alibi_slopes, segment_mask=segment_mask,
+                     key_lengths=key_lengths, upcast=upcast)
 
     # Numerically stable softmax that stays finite (values and gradients) on
     # rows where every key is masked: such rows have row_max = -inf, which we
@@ -413,3 +432,123 @@ def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
                           window_size=window_size, softcap=float(softcap), alibi_slopes=alibi,
                           key_lengths=key_lengths, upcast=True)
     return out, lse, k_cache, v_cache
+
+
+# ---- Dropout RNG ---------------------------------------------------------------
+# The kernels' dropout mask (csrc/score_mods.h) in plain JAX, bit for bit, so
+# that the reference, the CPU path and the GPU kernels drop the same entries.
+
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: int, b):
+    """(hi, lo) 32-bit halves of the 64-bit product of constant a and uint32 b."""
+    b = b.astype(jnp.uint32)
+    lo = b * jnp.uint32(a)
+    a0, a1 = jnp.uint32(a & 0xFFFF), jnp.uint32(a >> 16)
+    b0, b1 = b & jnp.uint32(0xFFFF), b >> jnp.uint32(16)
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1  # each < 2^32
+    mid = (p00 >> 16) + (p01 & 0xFFFF) + (p10 & 0xFFFF)  # < 3 * 2^16
+    hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+    return hi, lo
+
+
+def philox4x32_10(counter, key):
+    """Philox-4x32 with 10 rounds (Salmon et al., SC 2011).
+
+    Args:
+      counter: four uint32 arrays (broadcastable to each other).
+      key: two uint32 arrays.
+
+    Returns:
+      Four uint32 arrays: the random words.
+    """
+    c0, c1, c2, c3 = (jnp.asarray(c, jnp.uint32) for c in counter)
+    k0, k1 = (jnp.asarray(k, jnp.uint32) for k in key)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + jnp.uint32(_PHILOX_WEYL[0])
+        k1 = k1 + jnp.uint32(_PHILOX_WEYL[1])
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """An entry is dropped when its 16-bit random number is below this:
+    ``round(dropout_p * 65536)``, so dropout_p is honoured to 2^-17."""
+    return int(np.rint(np.float64(np.float32(dropout_p)) * 65536.0))
+
+
+def dropout_rng(key, batch: int):
+    """The kernels' per-batch-element RNG state from a JAX PRNG key.
+
+    Returns uint32 ``(batch, 4)``: the key's 64-bit seed (two words drawn with
+    ``jax.random.bits``), the batch index and 0. The batch index is part of
+    every counter, so the elements of a batch get independent masks; under
+    ``vmap`` with per-example keys each example gets its own seed.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    index = jnp.arange(batch, dtype=jnp.uint32)
+    return jnp.stack([jnp.broadcast_to(seed[0], (batch,)), jnp.broadcast_to(seed[1], (batch,)),
+                      index, jnp.zeros_like(index)], axis=-1)
+
+
+def dropout_keep_mask(rng, nheads: int, seqlen_q: int, seqlen_k: int, dropout_p: float):
+    """Which attention probabilities survive dropout, as the kernels draw them.
+
+    Entries are grouped in 16 x 16 blocks. Entry ``(i, j)`` of head ``h`` and
+    batch element ``b`` takes 16 bits of the Philox-4x32-10 call with counter
+    ``(j // 16, (i // 16) * 32 + lane, h, rng[b, 2])`` and key ``rng[b, :2]``,
+    where ``lane = (i % 8) * 4 + (j % 8) // 2``; the bits are number
+    ``slot = ((i % 16) // 8) * 4 + ((j % 16) // 8) * 2 + j % 2`` of the eight
+    16-bit halves of the 128-bit result (low half of a word first). The entry
+    is kept when that number is ``>= dropout_threshold(dropout_p)``.
+
+    Args:
+      rng: uint32 ``(batch, 4)`` from ``dropout_rng``.
+
+    Returns:
+      bool ``(batch, nheads, seqlen_q, seqlen_k)``, True = kept.
+    """
+    rng = jnp.asarray(rng, jnp.uint32)
+    i = jnp.arange(seqlen_q, dtype=jnp.uint32)[None, None, :, None]
+    j = jnp.arange(seqlen_k, dtype=jnp.uint32)[None, None, None, :]
+    h = jnp.arange(nheads, dtype=jnp.uint32)[None, :, None, None]
+    seed0, seed1, index = (rng[:, w][:, None, None, None] for w in range(3))
+    lane = (i % 8) * 4 + (j % 8) // 2
+    words = philox4x32_10((j // 16, (i // 16) * 32 + lane, h, index), (seed0, seed1))
+    slot = ((i % 16) // 8) * 4 + ((j % 16) // 8) * 2 + j % 2
+    word = jnp.select([slot // 2 == w for w in range(3)], list(words[:3]), words[3])
+    bits = jnp.where(slot % 2 == 1, word >> 16, word & jnp.uint32(0xFFFF))
+    return bits >= jnp.uint32(dropout_threshold(dropout_p))
+
+
+def attention_probs(q, k, lse, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None):
+    """Attention probabilities ``exp(score - lse)`` for a given LSE, float32.
+
+    Args:
+      q, k: as in ``attention_ref``.
+      lse: float32 ``(batch, nheads, seqlen_q)``, e.g. a kernel's.
+      Other arguments: as in ``attention_ref``.
+
+    Returns:
+      float32 ``(batch, nheads, seqlen_q, seqlen_k)``; 0 for invisible keys and
+      on rows with ``lse = +inf``.
+    """
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    _check_qkv(q, k, k)
+    batch, _, nheads, headdim = q.shape
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(headdim)
+    groups = nheads // k.shape[2]
+    k = jnp.repeat(k.astype(jnp.float32), groups, axis=2)
+    scores = _scores(q.astype(jnp.float32), k, softmax_scale=softmax_scale, causal=causal,
+                     window_size=_check_window(window_size), softcap=float(softcap),
+                     alibi_slopes=_check_alibi(alibi_slopes, batch, nheads),
+                     segment_mask=None, key_lengths=None, upcast=True)
+    lse = jnp.asarray(lse, jnp.float32)[..., None]
+    return jnp.where(jnp.isfinite(lse), jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)),
+                     0.0)

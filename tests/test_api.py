@@ -84,18 +84,33 @@ def test_option_errors():
         jax_flash.flash_attn_func(q, k, v, window_size=(-2, 0))
 
 
-@pytest.mark.parametrize(
-    "kwargs,name",
-    [
-        (dict(dropout_p=0.1), "dropout_p"),
-        (dict(softcap=30.0), "softcap"),
-        (dict(alibi_slopes=jnp.ones((4,), jnp.float32)), "alibi_slopes"),
-    ],
-)
-def test_unimplemented_options_raise(kwargs, name):
+def test_score_modifier_errors():
     q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match=f"{name}=.* is not implemented yet"):
-        jax_flash.flash_attn_func(q, k, v, **kwargs)
+    f = jax_flash.flash_attn_func
+    with pytest.raises(ValueError, match=r"softcap must be a finite float >= 0 \(0: off\), got -1.0"):
+        f(q, k, v, softcap=-1.0)
+    with pytest.raises(TypeError, match="softcap must be a float >= 0, got 'x'"):
+        f(q, k, v, softcap="x")
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(4,\) or \(2, 4\), got \(3,\)"):
+        f(q, k, v, alibi_slopes=jnp.ones((3,), jnp.float32))
+    with pytest.raises(TypeError, match="alibi_slopes must be float32, got bfloat16"):
+        f(q, k, v, alibi_slopes=jnp.ones((4,), jnp.bfloat16))
+    with pytest.raises(TypeError, match="alibi_slopes must be a float32 array .* got list"):
+        f(q, k, v, alibi_slopes=[1.0] * 4)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):
+        f(q, k, v, dropout_p=1.0, dropout_key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"dropout_key: expected a JAX PRNG key .* got None \(dropout_p=0.1\)"):
+        f(q, k, v, dropout_p=0.1)
+    with pytest.raises(TypeError, match=r"dropout_key must be one JAX PRNG key.*got dtype int32 shape \(2,\)"):
+        f(q, k, v, dropout_p=0.1, dropout_key=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(TypeError, match=r"dropout_key must be one JAX PRNG key.*shape \(3,\)"):
+        f(q, k, v, dropout_p=0.1, dropout_key=jax.random.split(jax.random.key(0), 3))
+
+
+def test_dropout_key_without_dropout_is_ignored():
+    q, k, v = _qkv()
+    out = jax_flash.flash_attn_func(q, k, v, dropout_key=jax.random.key(3))
+    _close(out, jax_flash.flash_attn_func(q, k, v), atol=0)
 
 
 # ---- Composition (CPU: the reference path; GPU: the kernels) -------------------
@@ -116,9 +131,14 @@ def test_matches_reference_under_jit(causal):
     )(q, k, v)
     ref, ref_lse = reference.attention_ref(q, k, v, causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert lse.shape == (2, 4, 33) and lse.dtype == jnp.float32 and probs is None
+    assert lse.shape == (2, 4, 33) and lse.dtype == jnp.float32
+    assert probs.shape == (2, 4, 33, 20) and probs.dtype == jnp.float32
     _close(out, ref)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-3, atol=1e-3)
+    # Rows sum to 1, or 0 where no key is visible; nothing negative without dropout.
+    sums = np.asarray(probs).sum(-1)
+    np.testing.assert_allclose(sums, np.where(np.isposinf(np.asarray(lse)), 0.0, 1.0), atol=1e-3)
+    assert (np.asarray(probs) >= 0).all()
     if causal:  # 33 queries, 20 keys: the first 13 queries see nothing
         assert np.isposinf(np.asarray(lse)[:, :, :13]).all()
         assert (np.asarray(out, np.float32)[:, :13] == 0).all()

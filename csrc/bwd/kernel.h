@@ -27,6 +27,7 @@
 #include "../cute_utils.h"
 #include "../mask.h"
 #include "../params.h"
+#include "../score_mods.h"
 #include "kernel_traits.h"
 
 namespace jax_flash::bwd {
@@ -88,6 +89,74 @@ __global__ void convert_dq_kernel(const AttnBwdParams p) {
 }
 
 // ---- 2. Main kernel -----------------------------------------------------------
+// P and dS of one tile with softcap, ALiBi and dropout. On entry scores = S
+// (raw q.k) and dp = dO V^T; on return scores = P with dropped entries zeroed
+// (dV's operand; 1 / (1 - p) is applied to dV once at the end) and dp = dS,
+// the gradient with respect to the raw q.k divided by softmax_scale:
+//   dS = P * (keep * dp / (1 - p) - D) * (1 - x^2)   with x = tanh(s * scale / softcap),
+// the last factor only with softcap (d(softcap * x) / ds = scale * (1 - x^2)).
+// acc_*: MMA fragments, *_rc: their (rows, cols) views; tScS, tScS_rc: the
+// tile-local coordinates in both shapes.
+template <bool kHasDropout, typename TR, typename TA, typename TC, typename TCrc, typename MaskT,
+          int kRows>
+__device__ __forceinline__ void scores_with_mods(
+    TR& scores, TR& dp, TA& acc_s, TA& acc_dp, TC const& tScS, TCrc const& tScS_rc, int m_block,
+    int n_block, MaskT const& mask, ScoreMods const& mods, Dropout const& dropout,
+    const float (&lse_log2)[kRows], const float (&d_row)[kRows], float scale_log2,
+    float dropout_rescale) {
+  constexpr int kBlockM = MaskT::kBlockM, kBlockN = MaskT::kBlockN;
+  const int row0 = m_block * kBlockM, col0 = n_block * kBlockN;
+  // Which entries survive dropout, one bit per fragment entry; dp of the
+  // dropped ones is 0, of the kept ones dp / (1 - p). Warps share the tile's
+  // columns, so each RNG call serves one 8-column atom.
+  constexpr int kM = decltype(size<1>(acc_s))::value;
+  static_assert(decltype(size(acc_s))::value <= 64, "one bit per fragment entry");
+  uint64_t kept = ~uint64_t(0);
+  if (kHasDropout && dropout.on()) kept = dropout.template apply<1>(acc_dp, tScS, row0, col0, dropout_rescale);
+  // dp - D, times the softcap derivative (computed before ALiBi and the mask
+  // change the scores).
+  if (mods.softcap_premul != 0.f) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const float x = ScoreMods::tanh_approx(scores(r, c) * mods.softcap_premul);
+        scores(r, c) = x;
+        dp(r, c) = (dp(r, c) - d_row[r]) * (1.f - x * x);
+      }
+    }
+  } else {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) dp(r, c) -= d_row[r];
+    }
+  }
+  if (mods.alibi_slope != 0.f) mods.alibi(scores, tScS_rc, row0, col0);
+  if (mask.tile_needs_mask(m_block, n_block)) mask.apply(scores, tScS_rc, m_block, n_block);
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(scores); ++c) {
+      const float prob = exp2f(scores(r, c) * scale_log2 - lse_log2[r]);
+      scores(r, c) = prob;
+      dp(r, c) *= prob;
+    }
+  }
+  if (kHasDropout && dropout.on()) {
+    CUTE_UNROLL
+    for (int n = 0; n < size<2>(acc_s); ++n) {
+      CUTE_UNROLL
+      for (int m = 0; m < kM; ++m) {
+        CUTE_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          if (!((kept >> (e + 4 * (m + kM * n))) & 1)) acc_s(e, m, n) = 0.f;
+        }
+      }
+    }
+  }
+}
+
 // dst += src with float32 atomics. An MMA accumulator holds pairs of adjacent
 // columns, which sm_90 adds with one 8-byte vector atomic (half the atomic
 // instructions: they throttled the load/store pipe, notes/kernel_experiments.md).
@@ -106,8 +175,10 @@ __device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
 #endif
 }
 
-template <typename Traits, bool kIsLocal>
-__device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
+// kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h), each
+// switched on at run time.
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
+__device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
                               const int bidh_k, const int split) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -306,6 +377,10 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
       d_row[r] = valid ? p.softmax_d_ptr[row_stat0 + row] : 0.f;
     }
 
+    // Softcap/ALiBi/dropout of this step's query head.
+    const ScoreMods mods(p, bidb, h, info.seqlen_q, info.seqlen_k);
+    const Dropout dropout(p, bidb, h);
+
     // S = Q K^T, dP = dO V^T
     Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});   // (MMA, MMA_M, MMA_N)
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});  // (MMA, MMA_M, MMA_N)
@@ -321,14 +396,19 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
     // P = exp(S * scale - LSE), dS = P * (dP - D).
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));    // (rows, cols)
-    if (mask.tile_needs_mask(m_block, n_block)) mask.apply(scores, tScS_rc, m_block, n_block);
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsS; ++r) {
+    if constexpr (kHasMods) {
+      scores_with_mods<kHasDropout>(scores, dp, acc_s, acc_dp, tScS, tScS_rc, m_block, n_block, mask, mods,
+                       dropout, lse_log2, d_row, scale_log2, p.dropout_rescale);
+    } else {
+      if (mask.tile_needs_mask(m_block, n_block)) mask.apply(scores, tScS_rc, m_block, n_block);
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(scores); ++c) {
-        const float prob = exp2f(scores(r, c) * scale_log2 - lse_log2[r]);
-        scores(r, c) = prob;
-        dp(r, c) = prob * (dp(r, c) - d_row[r]);
+      for (int r = 0; r < kRowsS; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(scores); ++c) {
+          const float prob = exp2f(scores(r, c) * scale_log2 - lse_log2[r]);
+          scores(r, c) = prob;
+          dp(r, c) = prob * (dp(r, c) - d_row[r]);
+        }
       }
     }
     copy(copy_c_sdp, thr_copy_c_sdp.retile_S(convert_fragment<Element>(acc_s)), tPsP);
@@ -364,6 +444,11 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   __syncthreads();
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= p.softmax_scale;
+  if (kHasDropout && p.rng_ptr != nullptr) {
+    // P went into dV with dropped entries zeroed but not yet rescaled.
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dv); ++i) acc_dv(i) *= p.dropout_rescale;
+  }
   auto copy_c_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomC{}, mma_dkv);
   auto thr_copy_c_dkv = copy_c_dkv.get_thread_slice(tid);
   copy(copy_c_dkv, thr_copy_c_dkv.retile_S(convert_fragment<Element>(acc_dk)),
@@ -398,13 +483,13 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
 }
 
 // Grid: (K/V tiles, or accumulator splits when deterministic; nheads_k; batch).
-template <typename Traits, bool kIsLocal>
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attn_bwd_kernel(const __grid_constant__ AttnBwdParams params) {
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   const int split = params.deterministic ? blockIdx.x : 0;
   for (int n_block = blockIdx.x; n_block < num_n_blocks; n_block += gridDim.x) {
-    attn_bwd_tile<Traits, kIsLocal>(params, n_block, blockIdx.z, blockIdx.y, split);
+    attn_bwd_tile<Traits, kIsLocal, kHasMods, kHasDropout>(params, n_block, blockIdx.z, blockIdx.y, split);
     __syncthreads();  // the next tile reuses the shared memory
   }
 }

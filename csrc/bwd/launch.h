@@ -15,7 +15,7 @@
 
 namespace jax_flash::bwd {
 
-template <typename Element, int kHeadDim, bool kIsLocal>
+template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout>
 cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<Element, kHeadDim>::Traits;
   static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ accumulator");
@@ -34,7 +34,7 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   const int grid_x = params.deterministic ? params.dq_accum_splits : num_n_blocks;
   const dim3 grid(grid_x, params.nheads_k, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &attn_bwd_kernel<Traits, kIsLocal>;
+  auto kernel = &attn_bwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout>;
   // Opt in to > 48 KB of shared memory once per device (see fwd/launch.h).
   constexpr int kMaxDevices = 64;
   static bool opted_in[kMaxDevices] = {};

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "../bwd/api.h"
+#include "../dropout_mask.h"
 #include "../fwd/api.h"
 #include "../params.h"
 #include "xla/ffi/api/ffi.h"
@@ -152,12 +153,58 @@ ffi::Error SetQkv(const View& q, const View& k, const View& v, AttnParams* p) {
   return ffi::Error::Success();
 }
 
-void SetScoreOptions(float softmax_scale, int32_t window_left, int32_t window_right,
-                     AttnParams* p) {
-  p->softmax_scale = softmax_scale;
-  p->softmax_scale_log2 = softmax_scale * 1.4426950408889634f;  // log2(e)
-  p->window_left = window_left;
-  p->window_right = window_right;
+// Everything between S = Q K^T and the softmax: the attributes every handler
+// takes, and the optional alibi_slopes / rng operands (empty when off).
+struct ScoreOptions {
+  float softmax_scale;
+  int32_t window_left, window_right;  // -1: unbounded; causal: right = 0
+  float softcap;                      // 0: off
+  float dropout_p;                    // 0: off
+  int32_t dropout_threshold;          // round(dropout_p * 65536), computed in Python
+  const ffi::Buffer<ffi::F32>* alibi;  // (batch..., nheads) or empty
+  const ffi::Buffer<ffi::U32>* rng;    // (batch..., 4) or empty
+};
+
+// Validates the options against the sizes already in p and fills the
+// score-modifier fields (see params.h for the units).
+ffi::Error SetScoreOptions(const ScoreOptions& o, AttnParams* p) {
+  if (!(o.softcap >= 0.f)) {
+    return ffi::Error::InvalidArgument("softcap must be >= 0, got " + std::to_string(o.softcap));
+  }
+  if (!(o.dropout_p >= 0.f && o.dropout_p < 1.f) || o.dropout_threshold < 0 ||
+      o.dropout_threshold > 65536) {
+    return ffi::Error::InvalidArgument("dropout_p must be in [0, 1), got " +
+                                       std::to_string(o.dropout_p));
+  }
+  const size_t alibi_count = o.alibi->element_count();
+  if (alibi_count != 0 && alibi_count != size_t(p->batch) * p->nheads) {
+    return ffi::Error::InvalidArgument(
+        "alibi_slopes must have shape (batch..., nheads) = " + std::to_string(p->batch) + " x " +
+        std::to_string(p->nheads) + " entries or be empty, got " +
+        ShapeString(o.alibi->dimensions()));
+  }
+  const size_t rng_count = o.rng->element_count();
+  if ((o.dropout_p > 0.f) != (rng_count != 0) ||
+      (rng_count != 0 && rng_count != size_t(p->batch) * 4)) {
+    return ffi::Error::InvalidArgument(
+        "rng must have shape (batch..., 4) when dropout_p > 0 and be empty otherwise; got "
+        "dropout_p " + std::to_string(o.dropout_p) + " and rng " +
+        ShapeString(o.rng->dimensions()));
+  }
+  constexpr float kLog2e = 1.4426950408889634f;
+  p->softmax_scale = o.softmax_scale;
+  p->window_left = o.window_left;
+  p->window_right = o.window_right;
+  p->softcap = o.softcap;
+  p->softcap_premul = o.softcap > 0.f ? o.softmax_scale / o.softcap : 0.f;
+  p->softmax_lse_scale = o.softcap > 0.f ? o.softcap : o.softmax_scale;
+  p->softmax_scale_log2 = p->softmax_lse_scale * kLog2e;
+  p->alibi_slopes_ptr = alibi_count ? o.alibi->typed_data() : nullptr;
+  p->dropout_p = o.dropout_p;
+  p->dropout_rescale = 1.f / (1.f - o.dropout_p);
+  p->dropout_threshold = static_cast<uint32_t>(o.dropout_threshold);
+  p->rng_ptr = rng_count ? o.rng->typed_data() : nullptr;
+  return ffi::Error::Success();
 }
 
 fwd::Dtype KernelDtype(ffi::DataType dtype) {
@@ -192,10 +239,11 @@ ffi::Error ReadQkv(Packing packing, const ffi::AnyBuffer& a, const ffi::AnyBuffe
 }
 
 ffi::Error RunFwd(cudaStream_t stream, const View& q, const View& k, const View& v,
-                  const ffi::AnyBuffer& out, ffi::Buffer<ffi::F32>& lse, float softmax_scale,
-                  int32_t window_left, int32_t window_right) {
+                  const ffi::AnyBuffer& out, ffi::Buffer<ffi::F32>& lse,
+                  const ScoreOptions& opt) {
   AttnParams p;
   if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
+  if (auto e = SetScoreOptions(opt, &p); e.failure()) return e;
   View o;
   if (auto e = ReadView("out", out, 0, 0, &o); e.failure()) return e;
   if (auto e = SameView("out", o, "q", q); e.failure()) return e;
@@ -206,56 +254,58 @@ ffi::Error RunFwd(cudaStream_t stream, const View& q, const View& k, const View&
   SetOperand(o, &p.o_ptr, &p.o_batch_stride, &p.o_row_stride,
              &p.o_head_stride);
   p.lse_ptr = lse.typed_data();
-  SetScoreOptions(softmax_scale, window_left, window_right, &p);
   const cudaError_t err = fwd::run_fwd(KernelDtype(q.dtype), p, stream);
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("forward", err);
 }
 
+// The attributes and optional operands of ScoreOptions, as handler arguments.
+#define JAX_FLASH_SCORE_ARGS                                                              \
+  ffi::Buffer<ffi::F32> alibi, ffi::Buffer<ffi::U32> rng, float softmax_scale,            \
+      int32_t window_left, int32_t window_right, float softcap, float dropout_p,          \
+      int32_t dropout_threshold
+#define JAX_FLASH_SCORE_OPTIONS                                                            \
+  ScoreOptions {                                                                           \
+    softmax_scale, window_left, window_right, softcap, dropout_p, dropout_threshold, &alibi, \
+        &rng                                                                               \
+  }
+
 ffi::Error AttnFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                       ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
-                       ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
-                       int32_t window_left, int32_t window_right) {
+                       ffi::AnyBuffer v, JAX_FLASH_SCORE_ARGS,
+                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse) {
   View qv, kv, vv;
   if (auto e = ReadQkv(Packing::kNone, q, &k, &v, &qv, &kv, &vv); e.failure()) return e;
-  return RunFwd(stream, qv, kv, vv, *out, *lse, softmax_scale, window_left, window_right);
+  return RunFwd(stream, qv, kv, vv, *out, *lse, JAX_FLASH_SCORE_OPTIONS);
 }
 
 ffi::Error AttnFwdKvpackedImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
-                               ffi::Result<ffi::AnyBuffer> out,
-                               ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
-                               int32_t window_left, int32_t window_right) {
+                               JAX_FLASH_SCORE_ARGS, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> lse) {
   View qv, kv_k, kv_v;
   if (auto e = ReadQkv(Packing::kKv, q, &kv, nullptr, &qv, &kv_k, &kv_v); e.failure()) return e;
-  return RunFwd(stream, qv, kv_k, kv_v, *out, *lse, softmax_scale, window_left, window_right);
+  return RunFwd(stream, qv, kv_k, kv_v, *out, *lse, JAX_FLASH_SCORE_OPTIONS);
 }
 
-ffi::Error AttnFwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv,
+ffi::Error AttnFwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv, JAX_FLASH_SCORE_ARGS,
                                 ffi::Result<ffi::AnyBuffer> out,
-                                ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
-                                int32_t window_left, int32_t window_right) {
+                                ffi::Result<ffi::Buffer<ffi::F32>> lse) {
   View qv, kv, vv;
   if (auto e = ReadQkv(Packing::kQkv, qkv, nullptr, nullptr, &qv, &kv, &vv); e.failure()) {
     return e;
   }
-  return RunFwd(stream, qv, kv, vv, *out, *lse, softmax_scale, window_left, window_right);
+  return RunFwd(stream, qv, kv, vv, *out, *lse, JAX_FLASH_SCORE_OPTIONS);
 }
 
 // The backward pass for any packing: q/k/v and dq/dk/dv arrive as views;
 // `grads` are the distinct gradient buffers (zeroed when nothing attends).
-struct BwdOptions {
-  float softmax_scale;
-  int32_t window_left, window_right;
-  bool deterministic;
-};
-
 ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View& v,
                   const ffi::AnyBuffer& out, ffi::Buffer<ffi::F32>& lse,
                   const ffi::AnyBuffer& d_out, const View& dq, const View& dk, const View& dv,
                   std::initializer_list<const ffi::AnyBuffer*> grads,
                   ffi::Buffer<ffi::F32>& dq_accum, ffi::Buffer<ffi::F32>& softmax_d,
-                  const BwdOptions& opt) {
+                  const ScoreOptions& opt, bool deterministic) {
   AttnBwdParams p;
   if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
+  if (auto e = SetScoreOptions(opt, &p); e.failure()) return e;
   View o, d_o;
   if (auto e = ReadView("out", out, 0, 0, &o); e.failure()) return e;
   if (auto e = ReadView("d_out", d_out, 0, 0, &d_o); e.failure()) return e;
@@ -276,7 +326,7 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
       size_t(p.batch) * p.nheads * seqlen_q_rounded * fwd::kernel_head_dim(p.head_dim);
   const size_t splits = split_elems ? dq_accum.element_count() / split_elems : 1;
   if (split_elems && (splits < 1 || splits * split_elems != dq_accum.element_count() ||
-                      (!opt.deterministic && splits != 1) || splits > 65535)) {
+                      (!deterministic && splits != 1) || splits > 65535)) {
     return ffi::Error::InvalidArgument(
         "dq_accum must have shape (batch..., splits, nheads, " +
         std::to_string(seqlen_q_rounded) + ", " +
@@ -306,51 +356,47 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
   p.softmax_d_ptr = softmax_d.typed_data();
   p.dq_accum_splits = static_cast<int>(splits);
   p.seqlen_q_rounded = static_cast<int>(seqlen_q_rounded);
-  p.deterministic = opt.deterministic;
-  SetScoreOptions(opt.softmax_scale, opt.window_left, opt.window_right, &p);
+  p.deterministic = deterministic;
   const cudaError_t err = bwd::run_bwd(KernelDtype(q.dtype), p, stream);
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("backward", err);
 }
 
 ffi::Error AttnBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse,
-                       ffi::AnyBuffer d_out, ffi::Result<ffi::AnyBuffer> dq,
-                       ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                       ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                       ffi::Result<ffi::Buffer<ffi::F32>> softmax_d, float softmax_scale,
-                       int32_t window_left, int32_t window_right, bool deterministic) {
+                       ffi::AnyBuffer d_out, JAX_FLASH_SCORE_ARGS, bool deterministic,
+                       ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                       ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
+                       ffi::Result<ffi::Buffer<ffi::F32>> softmax_d) {
   View qv, kv, vv, dqv, dkv, dvv;
   if (auto e = ReadQkv(Packing::kNone, q, &k, &v, &qv, &kv, &vv); e.failure()) return e;
   if (auto e = ReadView("dq", *dq, 0, 0, &dqv); e.failure()) return e;
   if (auto e = ReadView("dk", *dk, 0, 0, &dkv); e.failure()) return e;
   if (auto e = ReadView("dv", *dv, 0, 0, &dvv); e.failure()) return e;
   return RunBwd(stream, qv, kv, vv, out, lse, d_out, dqv, dkv, dvv, {&*dq, &*dk, &*dv},
-                *dq_accum, *softmax_d, {softmax_scale, window_left, window_right, deterministic});
+                *dq_accum, *softmax_d, JAX_FLASH_SCORE_OPTIONS, deterministic);
 }
 
 ffi::Error AttnBwdKvpackedImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
                                ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse,
-                               ffi::AnyBuffer d_out, ffi::Result<ffi::AnyBuffer> dq,
-                               ffi::Result<ffi::AnyBuffer> dkv,
+                               ffi::AnyBuffer d_out, JAX_FLASH_SCORE_ARGS, bool deterministic,
+                               ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dkv,
                                ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                               ffi::Result<ffi::Buffer<ffi::F32>> softmax_d, float softmax_scale,
-                               int32_t window_left, int32_t window_right, bool deterministic) {
+                               ffi::Result<ffi::Buffer<ffi::F32>> softmax_d) {
   View qv, kv_k, kv_v, dqv, dkv_k, dkv_v;
   if (auto e = ReadQkv(Packing::kKv, q, &kv, nullptr, &qv, &kv_k, &kv_v); e.failure()) return e;
   if (auto e = ReadView("dq", *dq, 0, 0, &dqv); e.failure()) return e;
   if (auto e = ReadView("dkv", *dkv, 2, 0, &dkv_k); e.failure()) return e;
   if (auto e = ReadView("dkv", *dkv, 2, 1, &dkv_v); e.failure()) return e;
   return RunBwd(stream, qv, kv_k, kv_v, out, lse, d_out, dqv, dkv_k, dkv_v, {&*dq, &*dkv},
-                *dq_accum, *softmax_d, {softmax_scale, window_left, window_right, deterministic});
+                *dq_accum, *softmax_d, JAX_FLASH_SCORE_OPTIONS, deterministic);
 }
 
 ffi::Error AttnBwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::AnyBuffer out,
                                 ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer d_out,
+                                JAX_FLASH_SCORE_ARGS, bool deterministic,
                                 ffi::Result<ffi::AnyBuffer> dqkv,
                                 ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                                ffi::Result<ffi::Buffer<ffi::F32>> softmax_d,
-                                float softmax_scale, int32_t window_left, int32_t window_right,
-                                bool deterministic) {
+                                ffi::Result<ffi::Buffer<ffi::F32>> softmax_d) {
   View qv, kv, vv, dqv, dkv, dvv;
   if (auto e = ReadQkv(Packing::kQkv, qkv, nullptr, nullptr, &qv, &kv, &vv); e.failure()) {
     return e;
@@ -359,36 +405,78 @@ ffi::Error AttnBwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::An
     return e;
   }
   return RunBwd(stream, qv, kv, vv, out, lse, d_out, dqv, dkv, dvv, {&*dqkv}, *dq_accum,
-                *softmax_d, {softmax_scale, window_left, window_right, deterministic});
+                *softmax_d, JAX_FLASH_SCORE_OPTIONS, deterministic);
+}
+
+#undef JAX_FLASH_SCORE_ARGS
+#undef JAX_FLASH_SCORE_OPTIONS
+
+ffi::Error DropoutMaskImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> rng,
+                           int32_t dropout_threshold, ffi::Result<ffi::Buffer<ffi::U8>> keep) {
+  const auto dims = keep->dimensions();
+  const auto rng_dims = rng.dimensions();
+  if (dims.size() < 3 || rng_dims.size() < 1 || rng_dims.back() != 4) {
+    return ffi::Error::InvalidArgument(
+        "expected rng (batch..., 4) and keep (batch..., nheads, seqlen_q, seqlen_k), got rng " +
+        ShapeString(rng_dims) + " and keep " + ShapeString(dims));
+  }
+  const int64_t nheads = dims[dims.size() - 3], seqlen_q = dims[dims.size() - 2],
+                seqlen_k = dims[dims.size() - 1];
+  const int64_t batch = rng.element_count() / 4;
+  if (int64_t(keep->element_count()) != batch * nheads * seqlen_q * seqlen_k) {
+    return ffi::Error::InvalidArgument("keep " + ShapeString(dims) +
+                                       " must have the batch dims of rng " +
+                                       ShapeString(rng_dims));
+  }
+  const cudaError_t err =
+      run_dropout_mask(rng.typed_data(), keep->typed_data(), batch, int(nheads), int(seqlen_q),
+                       int(seqlen_k), static_cast<uint32_t>(dropout_threshold), stream);
+  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("dropout mask", err);
 }
 
 }  // namespace
 
 namespace {
 
-// Attributes shared by every handler.
+// The optional operands and the attributes every attention handler takes
+// (JAX_FLASH_SCORE_ARGS, in that order).
 template <typename Binding>
-auto ScoreAttrs(Binding binding) {
+auto ScoreArgs(Binding&& binding) {
   return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes (batch..., nheads) or empty
+      .template Arg<ffi::Buffer<ffi::U32>>()  // rng (batch..., 4) or empty
       .template Attr<float>("softmax_scale")
-      .template Attr<int32_t>("window_left")    // -1: unbounded
-      .template Attr<int32_t>("window_right");  // -1: unbounded; causal: 0
+      .template Attr<int32_t>("window_left")   // -1: unbounded
+      .template Attr<int32_t>("window_right")  // -1: unbounded; causal: 0
+      .template Attr<float>("softcap")
+      .template Attr<float>("dropout_p")
+      .template Attr<int32_t>("dropout_threshold");
 }
 
-// Forward: inputs, then out (q's logical shape) and lse (batch..., nheads, seqlen_q).
+// Forward: returns out (q's logical shape) and lse (batch..., nheads, seqlen_q).
 template <typename Binding>
 auto FwdRets(Binding binding) {
-  return ScoreAttrs(std::move(binding).template Ret<ffi::AnyBuffer>().template Ret<
-                    ffi::Buffer<ffi::F32>>());
+  return ScoreArgs(std::move(binding))
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
 }
 
-// Backward: after the gradients, the scratch dq_accum and softmax_d.
+// Backward: (q, k, v in the handler's packing), out, lse, d_out, then the
+// score arguments; returns the gradients in the inputs' layout, then the
+// scratch dq_accum and softmax_d.
 template <typename Binding>
-auto BwdTail(Binding binding) {
-  return ScoreAttrs(std::move(binding)
-                        .template Ret<ffi::Buffer<ffi::F32>>()    // scratch: dq_accum
-                        .template Ret<ffi::Buffer<ffi::F32>>())   // scratch: softmax_d
+auto BwdArgs(Binding binding) {
+  return ScoreArgs(std::move(binding)
+                       .template Arg<ffi::AnyBuffer>()          // out
+                       .template Arg<ffi::Buffer<ffi::F32>>()   // lse
+                       .template Arg<ffi::AnyBuffer>())         // d_out
       .template Attr<bool>("deterministic");
+}
+template <typename Binding>
+auto BwdScratch(Binding binding) {
+  return std::move(binding)
+      .template Ret<ffi::Buffer<ffi::F32>>()   // dq_accum
+      .template Ret<ffi::Buffer<ffi::F32>>();  // softmax_d
 }
 
 auto Stream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
@@ -408,37 +496,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnFwdQkvpacked, AttnFwdQkvpackedImpl,
                               FwdRets(Stream().Arg<ffi::AnyBuffer>()),
                               {ffi::Traits::kCmdBufferCompatible});
 
-// Inputs, then out, lse (forward) and d_out; returns the gradients in the
-// inputs' layout, then scratch.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwd, AttnBwdImpl,
-                              BwdTail(Stream()
-                                          .Arg<ffi::AnyBuffer>()         // q
-                                          .Arg<ffi::AnyBuffer>()         // k
-                                          .Arg<ffi::AnyBuffer>()         // v
-                                          .Arg<ffi::AnyBuffer>()         // out
-                                          .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                          .Arg<ffi::AnyBuffer>()         // d_out
-                                          .Ret<ffi::AnyBuffer>()         // dq
-                                          .Ret<ffi::AnyBuffer>()         // dk
-                                          .Ret<ffi::AnyBuffer>()),       // dv
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwdKvpacked, AttnBwdKvpackedImpl,
-                              BwdTail(Stream()
-                                          .Arg<ffi::AnyBuffer>()         // q
-                                          .Arg<ffi::AnyBuffer>()         // kv
-                                          .Arg<ffi::AnyBuffer>()         // out
-                                          .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                          .Arg<ffi::AnyBuffer>()         // d_out
-                                          .Ret<ffi::AnyBuffer>()         // dq
-                                          .Ret<ffi::AnyBuffer>()),       // dkv
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    AttnBwd, AttnBwdImpl,
+    BwdScratch(BwdArgs(Stream().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>())
+                   .Ret<ffi::AnyBuffer>()    // dq
+                   .Ret<ffi::AnyBuffer>()    // dk
+                   .Ret<ffi::AnyBuffer>()),  // dv
+    {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    AttnBwdKvpacked, AttnBwdKvpackedImpl,
+    BwdScratch(BwdArgs(Stream().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>())
+                   .Ret<ffi::AnyBuffer>()    // dq
+                   .Ret<ffi::AnyBuffer>()),  // dkv
+    {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwdQkvpacked, AttnBwdQkvpackedImpl,
-                              BwdTail(Stream()
-                                          .Arg<ffi::AnyBuffer>()         // qkv
-                                          .Arg<ffi::AnyBuffer>()         // out
-                                          .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                          .Arg<ffi::AnyBuffer>()         // d_out
-                                          .Ret<ffi::AnyBuffer>()),       // dqkv
+                              BwdScratch(BwdArgs(Stream().Arg<ffi::AnyBuffer>())
+                                             .Ret<ffi::AnyBuffer>()),  // dqkv
+                              {ffi::Traits::kCmdBufferCompatible});
+
+// rng (batch..., 4) -> keep (batch..., nheads, seqlen_q, seqlen_k) uint8.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DropoutMask, DropoutMaskImpl,
+                              Stream()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Attr<int32_t>("dropout_threshold")
+                                  .Ret<ffi::Buffer<ffi::U8>>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 int CompiledHeadDimFor(int head_dim) { return fwd::kernel_head_dim(head_dim); }

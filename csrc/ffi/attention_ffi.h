@@ -19,6 +19,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(AttnBwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(AttnBwdKvpacked);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(AttnBwdQkvpacked);
 
+// The dropout mask the attention kernels draw: rng -> keep (uint8).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(DropoutMask);
+
 // Smallest compiled forward head dim >= head_dim, or -1.
 int CompiledHeadDimFor(int head_dim);
 

@@ -30,6 +30,7 @@ NB_MODULE(_C, m) {
     targets["jax_flash_bwd"] = Capsule(jax_flash::AttnBwd);
     targets["jax_flash_bwd_kvpacked"] = Capsule(jax_flash::AttnBwdKvpacked);
     targets["jax_flash_bwd_qkvpacked"] = Capsule(jax_flash::AttnBwdQkvpacked);
+    targets["jax_flash_dropout_mask"] = Capsule(jax_flash::DropoutMask);
     return targets;
   }, "FFI target name -> handler capsule, for platform CUDA.");
   m.def("compiled_head_dims", []() {

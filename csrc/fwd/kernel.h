@@ -20,6 +20,7 @@
 #include "../cute_utils.h"
 #include "../mask.h"
 #include "../params.h"
+#include "../score_mods.h"
 #include "kernel_traits.h"
 #include "softmax.h"
 
@@ -39,8 +40,11 @@ __device__ void write_empty_rows(const AttnParams& p, GO& gO, float* lse, int ro
   for (int i = threadIdx.x; i < rows; i += Traits::kNThreads) lse[i] = INFINITY;
 }
 
-template <typename Traits, bool kIsLocal>
-__device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int bidb,
+// kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h), each
+// switched on at run time; the kernels without them carry none of their
+// registers.
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
+__device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int bidb,
                               const int bidh) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -57,6 +61,8 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
                                               p.window_right);
   const int n_block_min = mask.n_block_min(m_block);
   const int n_block_max = mask.n_block_max(m_block);
+  const ScoreMods mods(p, bidb, bidh, info.seqlen_q, info.seqlen_k);
+  const Dropout dropout(p, bidb, bidh);
 
   // ---- Global tiles ----------------------------------------------------------
   const int bidh_k = bidh / p.h_per_hk;
@@ -174,6 +180,7 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_q,
             smem_thr_k);
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, N cols)
+    if constexpr (kHasMods) mods.apply(scores, tScS_rc, m_block * kBlockM, n_block * kBlockN);
     if constexpr (kMasked) mask.apply(scores, tScS_rc, m_block, n_block);
 
     cp_async_wait<0>();
@@ -185,6 +192,12 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
     }
 
     softmax.template update<kFirst>(scores, acc_o_rc, p.softmax_scale_log2);
+    if constexpr (kHasDropout) {
+      // Dropped entries leave P V but not the row sums: the LSE and the
+      // normalisation are those of the full softmax. One warp spans the
+      // tile's columns, so fragment atoms n, n + 1 form one 16-column block.
+      if (dropout.on()) dropout.template apply<2>(acc_s, tScS, m_block * kBlockM, n_block * kBlockN, 1.f);
+    }
 
     // O += P V_j, P converted to the input dtype and reused in place as the A
     // operand.
@@ -207,7 +220,8 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
 
   // ---- Epilogue: O /= l, LSE, store -------------------------------------------
   float lse[kRows];
-  softmax.finalize(acc_o_rc, p.softmax_scale, lse);
+  const float out_scale = kHasDropout && dropout.on() ? p.dropout_rescale : 1.f;
+  softmax.finalize(acc_o_rc, p.softmax_lse_scale, out_scale, lse);
 
   // Registers -> shared (reusing Q's buffer: every thread passed the barrier
   // after its last read of sQ) -> coalesced 16 B global stores.
@@ -248,11 +262,11 @@ __device__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int 
 
 // Grid: (Q tiles, nheads, batch). Local/causal grids run the Q tiles with the
 // most K/V work first, which evens out the tail of the launch.
-template <typename Traits, bool kIsLocal>
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
 __global__ void __launch_bounds__(Traits::kNThreads)
     attn_fwd_kernel(const __grid_constant__ AttnParams params) {
   const int m_block = kIsLocal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  attn_fwd_tile<Traits, kIsLocal>(params, m_block, blockIdx.z, blockIdx.y);
+  attn_fwd_tile<Traits, kIsLocal, kHasMods, kHasDropout>(params, m_block, blockIdx.z, blockIdx.y);
 }
 
 }  // namespace jax_flash::fwd

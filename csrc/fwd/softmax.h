@@ -68,17 +68,19 @@ struct OnlineSoftmax {
     }
   }
 
-  // Normalises acc_o in place and returns each row's log-sum-exp (natural
-  // log, of the scaled scores). A row with no visible key has sum 0: its
+  // Normalises acc_o in place (times out_scale, dropout's 1 / (1 - p)) and
+  // returns each row's log-sum-exp (natural log; lse_scale converts score
+  // units to natural-log units). A row with no visible key has sum 0: its
   // output stays 0 (never 0/0) and its LSE is +inf, as FlashAttention defines.
   template <typename TO>
-  __device__ __forceinline__ void finalize(TO& acc_o, float scale, float (&lse)[kRows]) {
+  __device__ __forceinline__ void finalize(TO& acc_o, float lse_scale, float out_scale,
+                                           float (&lse)[kRows]) {
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const float sum = quad_allreduce(row_sum[r], SumOp{});
       const bool empty = sum == 0.f || sum != sum;
-      const float inv = empty ? 0.f : 1.f / sum;
-      lse[r] = empty ? INFINITY : row_max[r] * scale + logf(sum);
+      const float inv = empty ? 0.f : out_scale / sum;
+      lse[r] = empty ? INFINITY : row_max[r] * lse_scale + logf(sum);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= inv;
     }
