@@ -53,13 +53,11 @@ struct AttnParams {
   int window_right = -1;
   // Softcap, ALiBi and dropout (score_mods.h). The handler fills every
   // derived field (set_score_scales in ffi/attention_ffi.cc).
-  float softcap = 0.f;             // 0: off
-  float softcap_premul = 0.f;      // softmax_scale / softcap; 0: off
+  float softcap_premul = 0.f;      // softmax_scale / softcap; 0: softcap off
   // Scores are kept in units where exp(x * softmax_lse_scale) is the
   // unnormalised probability: softmax_scale, or softcap when capping.
   float softmax_lse_scale = 1.f;
   const float* alibi_slopes_ptr = nullptr;  // (batch, nheads) float32; nullptr: off
-  float dropout_p = 0.f;                    // probability to drop; 0: off
   float dropout_rescale = 1.f;              // 1 / (1 - dropout_p)
   uint32_t dropout_threshold = 0;           // round(dropout_p * 65536)
   // (batch, 4) uint32: seed lo, seed hi, batch index, unused; nullptr: no dropout.

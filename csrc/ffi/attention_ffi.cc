@@ -195,12 +195,10 @@ ffi::Error SetScoreOptions(const ScoreOptions& o, AttnParams* p) {
   p->softmax_scale = o.softmax_scale;
   p->window_left = o.window_left;
   p->window_right = o.window_right;
-  p->softcap = o.softcap;
   p->softcap_premul = o.softcap > 0.f ? o.softmax_scale / o.softcap : 0.f;
   p->softmax_lse_scale = o.softcap > 0.f ? o.softcap : o.softmax_scale;
   p->softmax_scale_log2 = p->softmax_lse_scale * kLog2e;
   p->alibi_slopes_ptr = alibi_count ? o.alibi->typed_data() : nullptr;
-  p->dropout_p = o.dropout_p;
   p->dropout_rescale = 1.f / (1.f - o.dropout_p);
   p->dropout_threshold = static_cast<uint32_t>(o.dropout_threshold);
   p->rng_ptr = rng_count ? o.rng->typed_data() : nullptr;
