@@ -69,16 +69,20 @@ bool has_mods(const AttnParams& p) {
   return p.softcap_premul != 0.f || p.alibi_slopes_ptr != nullptr;
 }
 bool has_dropout(const AttnParams& p) { return p.rng_ptr != nullptr; }
+bool has_segments(const AttnParams& p) { return p.seg_q != nullptr; }
 
-// Calls launch(kIsLocal, kHasMods, kHasDropout) as integral constants, for
-// the variant compiled for params (csrc/generate_kernels.py).
+// Calls launch(kIsLocal, kHasMods, kHasDropout, kHasSegs) as integral
+// constants, for the variant compiled for params (csrc/generate_kernels.py).
+// Dropout, and segment ids with softcap or ALiBi, run in the kernel that has
+// everything switched at run time.
 template <typename Launch>
 cudaError_t with_variant(const AttnParams& p, Launch&& launch) {
   using T = std::true_type;
   using F = std::false_type;
-  if (has_dropout(p)) return launch(T{}, T{}, T{});
-  if (has_mods(p)) return launch(T{}, T{}, F{});
-  return is_local(p) ? launch(T{}, F{}, F{}) : launch(F{}, F{}, F{});
+  if (has_dropout(p) || (has_segments(p) && has_mods(p))) return launch(T{}, T{}, T{}, T{});
+  if (has_segments(p)) return launch(F{}, F{}, F{}, T{});
+  if (has_mods(p)) return launch(T{}, T{}, F{}, F{});
+  return is_local(p) ? launch(T{}, F{}, F{}, F{}) : launch(F{}, F{}, F{}, F{});
 }
 
 }  // namespace
@@ -93,14 +97,14 @@ int kernel_head_dim(int head_dim) {
 }
 
 cudaError_t run_fwd(Dtype dtype, const AttnParams& params, cudaStream_t stream) {
-  return with_variant(params, [&](auto local, auto mods, auto dropout) {
+  return with_variant(params, [&](auto local, auto mods, auto dropout, auto segs) {
     constexpr bool kIsLocal = decltype(local)::value, kHasMods = decltype(mods)::value,
-                   kHasDropout = decltype(dropout)::value;
+                   kHasDropout = decltype(dropout)::value, kHasSegs = decltype(segs)::value;
     return with_head_dim(kernel_head_dim(params.head_dim), [&](auto hdim) {
       constexpr int kHeadDim = decltype(hdim)::value;
       return dtype == Dtype::kFloat16
-                 ? launch_fwd<cutlass::half_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream)
-                 : launch_fwd<cutlass::bfloat16_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream);
+                 ? launch_fwd<cutlass::half_t, kHeadDim, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, stream)
+                 : launch_fwd<cutlass::bfloat16_t, kHeadDim, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, stream);
     });
   });
 }
@@ -110,14 +114,14 @@ cudaError_t run_fwd(Dtype dtype, const AttnParams& params, cudaStream_t stream) 
 namespace bwd {
 
 cudaError_t run_bwd(fwd::Dtype dtype, const AttnBwdParams& params, cudaStream_t stream) {
-  return with_variant(params, [&](auto local, auto mods, auto dropout) {
+  return with_variant(params, [&](auto local, auto mods, auto dropout, auto segs) {
     constexpr bool kIsLocal = decltype(local)::value, kHasMods = decltype(mods)::value,
-                   kHasDropout = decltype(dropout)::value;
+                   kHasDropout = decltype(dropout)::value, kHasSegs = decltype(segs)::value;
     return with_head_dim(fwd::kernel_head_dim(params.head_dim), [&](auto hdim) {
       constexpr int kHeadDim = decltype(hdim)::value;
       return dtype == fwd::Dtype::kFloat16
-                 ? launch_bwd<cutlass::half_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream)
-                 : launch_bwd<cutlass::bfloat16_t, kHeadDim, kIsLocal, kHasMods, kHasDropout>(params, stream);
+                 ? launch_bwd<cutlass::half_t, kHeadDim, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, stream)
+                 : launch_bwd<cutlass::bfloat16_t, kHeadDim, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, stream);
     });
   });
 }

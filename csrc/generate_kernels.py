@@ -13,16 +13,19 @@ import pathlib
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
-# variant -> (kIsLocal, kHasMods, kHasDropout). "full" has only the seqlen_k
-# edge to mask; "local" covers causal and sliding windows (runtime bounds);
-# "mods" adds softcap and ALiBi (runtime switches) to the local kernel and
-# "dropout" dropout on top. Dropout gets its own kernel because its RNG state
-# pushed the others into register spills.
+# variant -> (kIsLocal, kHasMods, kHasDropout, kHasSegs). "full" has only the
+# seqlen_k edge to mask; "local" covers causal and sliding windows (runtime
+# bounds); "mods" adds softcap and ALiBi (runtime switches) to the local
+# kernel; "dropout" adds dropout and segment ids on top, everything switched
+# at run time. Dropout gets its own kernel because its RNG state pushed the
+# others into register spills. "segs" is segment ids (document masking) alone,
+# the packed-training kernel.
 VARIANTS = {
-    "full": ("false", "false", "false"),
-    "local": ("true", "false", "false"),
-    "mods": ("true", "true", "false"),
-    "dropout": ("true", "true", "true"),
+    "full": ("false", "false", "false", "false"),
+    "local": ("true", "false", "false", "false"),
+    "mods": ("true", "true", "false", "false"),
+    "dropout": ("true", "true", "true", "true"),
+    "segs": ("false", "false", "false", "true"),
 }
 
 # pass -> (header, namespace, launch function, params type)
@@ -36,7 +39,8 @@ TEMPLATE = """\
 #include "../{header}"
 
 namespace jax_flash::{ns} {{
-template cudaError_t {fn}<{dtype}, {hdim}, {is_local}, {has_mods}, {has_dropout}>(const {params}&, cudaStream_t);
+template cudaError_t {fn}<{dtype}, {hdim}, {is_local}, {has_mods}, {has_dropout}, {has_segs}>(
+    const {params}&, cudaStream_t);
 }}  // namespace jax_flash::{ns}
 """
 
@@ -49,12 +53,12 @@ def main() -> None:
     for (pname, (header, ns, fn, params)), hdim, (dname, dtype), (vname, flags) in (
         itertools.product(PASSES.items(), HEAD_DIMS, DTYPES.items(), VARIANTS.items())
     ):
-        is_local, has_mods, has_dropout = flags
+        is_local, has_mods, has_dropout, has_segs = flags
         path = out_dir / f"{pname}_hdim{hdim}_{dname}_{vname}.cu"
         path.write_text(
             TEMPLATE.format(
                 header=header, ns=ns, fn=fn, params=params, dtype=dtype, hdim=hdim,
-                is_local=is_local, has_mods=has_mods, has_dropout=has_dropout,
+                is_local=is_local, has_mods=has_mods, has_dropout=has_dropout, has_segs=has_segs,
             )
         )
 

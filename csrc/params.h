@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include <vector_types.h>
+
 namespace jax_flash {
 
 struct AttnParams {
@@ -20,7 +22,8 @@ struct AttnParams {
   // q: (batch, seqlen_q, nheads, head_dim)      [fixed-length layout]
   //    (total_q, nheads, head_dim)              [varlen layout, cu_seqlens_q]
   // k, v: same with seqlen_k / nheads_k.
-  // o: q's layout. lse: (batch, nheads, seqlen_q) float32, natural log.
+  // o: q's layout. lse: (batch, nheads, seqlen_q) float32, natural log;
+  //    varlen: (nheads, total_q).
   const void* __restrict__ q_ptr = nullptr;
   const void* __restrict__ k_ptr = nullptr;
   const void* __restrict__ v_ptr = nullptr;
@@ -42,6 +45,10 @@ struct AttnParams {
   int nheads_k = 0;
   int head_dim = 0;        // actual head dim (multiple of 8, <= kernel's)
   int h_per_hk = 1;        // nheads / nheads_k: query heads sharing a K/V head
+  // Varlen: rows of the packed q and k/v buffers. Every sequence is clamped
+  // into them (block_info.h), whatever cu_seqlens say.
+  int total_q = 0;
+  int total_k = 0;
 
   // ---- Score modifiers -----------------------------------------------------
   float softmax_scale = 1.f;       // multiplies q.k
@@ -62,6 +69,19 @@ struct AttnParams {
   uint32_t dropout_threshold = 0;           // round(dropout_p * 65536)
   // (batch, 4) uint32: seed lo, seed hi, batch index, unused; nullptr: no dropout.
   const uint32_t* rng_ptr = nullptr;
+
+  // ---- Segment ids (document masking, fixed-length layout) ---------------
+  // Per query row i of batch b, seg_q[b * seqlen_q + i] = {lo, hi, id, shift}:
+  // the row may see keys j in [lo, hi] (its segment's keys, intersected with
+  // the window; lo > hi: none) whose id equals `id`; `shift` puts the row at
+  // key position i + shift (ALiBi's distance). Per key j, seg_k[b * seqlen_k
+  // + j] = {qlo, qhi, id, exact}: rows [qlo, qhi] may see it; `exact` != 0
+  // when every id of this batch element forms one run of keys, so that
+  // [lo, hi] alone decides visibility. Built by jax_flash.flash_attn
+  // (_segment_tables); nullptr: off. The window is folded into [lo, hi], so
+  // window_left/right are unbounded when segments are on.
+  const int4* __restrict__ seg_q = nullptr;
+  const int4* __restrict__ seg_k = nullptr;
 
   // ---- Variable length / paged K/V / decoding ---------------------------
   // Prefix sums of sequence lengths, (batch + 1,) int32; nullptr: fixed length.
@@ -92,9 +112,12 @@ struct AttnBwdParams : AttnParams {
 
   // Scratch owned by XLA (extra outputs of the custom call):
   // dq_accum (batch, dq_accum_splits, nheads, seqlen_q_rounded, kernel head
-  // dim) float32, zeroed before the main kernel; softmax_d (batch, nheads,
-  // seqlen_q) float32 holds D = rowsum(dO * O). dq_accum_splits > 1 only in
-  // deterministic mode (one slice per thread block, see bwd/kernel.h).
+  // dim) float32, zeroed before the main kernel; softmax_d holds D =
+  // rowsum(dO * O) in lse's layout. dq_accum_splits > 1 only in deterministic
+  // mode (one slice per thread block, see bwd/kernel.h). Varlen: dq_accum is
+  // (dq_accum_splits, nheads, seqlen_q_rounded, kernel head dim) with
+  // seqlen_q_rounded >= total_q + batch * kBlockM, sequence b starting at a
+  // tile-aligned row (BlockInfo::dq_accum_row).
   float* __restrict__ dq_accum_ptr = nullptr;
   float* __restrict__ softmax_d_ptr = nullptr;
   int dq_accum_splits = 1;

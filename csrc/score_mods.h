@@ -168,15 +168,20 @@ struct ScoreMods {
     for (int i = 0; i < cute::size(scores); ++i) scores(i) = tanh_approx(scores(i) * softcap_premul);
   }
 
+  // row_shift: per-row diagonal shifts (segment ids: the row's segment
+  // decides its key position), indexed like the rows of scores; nullptr:
+  // diag_shift for every row.
   template <typename TS, typename TC>
-  __device__ __forceinline__ void alibi(TS& scores, TC const& coords, int row0, int col0) const {
+  __device__ __forceinline__ void alibi(TS& scores, TC const& coords, int row0, int col0,
+                                        const int* row_shift = nullptr) const {
     using namespace cute;
     CUTE_UNROLL
     for (int r = 0; r < size<0>(scores); ++r) {
       // Signed distance of this thread's first column of the row from the
       // row's diagonal; the other columns sit at compile-time offsets.
+      const int shift = row_shift != nullptr ? row_shift[r] : diag_shift;
       const float base =
-          float(col0 + get<1>(coords(r, 0)) - (row0 + get<0>(coords(r, 0)) + diag_shift));
+          float(col0 + get<1>(coords(r, 0)) - (row0 + get<0>(coords(r, 0)) + shift));
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) {
         const float dist = fabsf(base + float(get<1>(coords(r, c)) - get<1>(coords(r, 0))));
@@ -187,9 +192,10 @@ struct ScoreMods {
 
   // Forward: both modifiers, in FlashAttention's order (cap, then bias).
   template <typename TS, typename TC>
-  __device__ __forceinline__ void apply(TS& scores, TC const& coords, int row0, int col0) const {
+  __device__ __forceinline__ void apply(TS& scores, TC const& coords, int row0, int col0,
+                                        const int* row_shift = nullptr) const {
     if (softcap_premul != 0.f) softcap(scores);
-    if (alibi_slope != 0.f) alibi(scores, coords, row0, col0);
+    if (alibi_slope != 0.f) alibi(scores, coords, row0, col0, row_shift);
   }
 };
 

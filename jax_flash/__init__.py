@@ -10,6 +10,11 @@ from jax_flash.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    pad_input,
+    unpad_input,
 )
 
 __all__ = [
@@ -17,8 +22,13 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "has_kernels",
+    "pad_input",
     "reference",
+    "unpad_input",
 ]
 
 __version__ = "0.1.0"

@@ -33,6 +33,15 @@ class _Static(NamedTuple):
     packing: str = ""  # "", "kv" or "qkv": how the kernel inputs are packed
     softcap: float = 0.0
     dropout_p: float = 0.0
+    # Varlen: the static maximum sequence lengths (> 0 or 0 with cu_seqlens);
+    # -1: the fixed-length layout.
+    max_seqlen_q: int = -1
+    max_seqlen_k: int = -1
+    segments: bool = False  # segment ids: the window lives in the segment tables
+
+    @property
+    def varlen(self) -> bool:
+        return self.max_seqlen_q >= 0
 
 
 # ---- Validation -------------------------------------------------------------
@@ -158,6 +167,54 @@ def _check_dropout(dropout_p, dropout_key, batch: int):
     return p, reference.dropout_rng(dropout_key, batch)
 
 
+def _segment_layout(segment_ids, batch: int, seqlen_q: int, seqlen_k: int) -> "_Layout":
+    """The layout of a fixed-shape call with optional segment ids."""
+    if segment_ids is None:
+        return _Layout()
+    if not (isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2):
+        raise TypeError(
+            "segment_ids must be a pair (q_segment_ids, kv_segment_ids), "
+            f"got {type(segment_ids).__name__}"
+        )
+    out = []
+    for name, ids, seqlen in (("q_segment_ids", segment_ids[0], seqlen_q),
+                              ("kv_segment_ids", segment_ids[1], seqlen_k)):
+        if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+            raise TypeError(f"{name} must be an integer array, got {type(ids).__name__}")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer array (int32), got dtype {ids.dtype}")
+        if ids.shape != (batch, seqlen):
+            raise ValueError(
+                f"{name} must have shape (batch, seqlen) = {(batch, seqlen)}, "
+                f"got {_shape_str(ids)}"
+            )
+        out.append(jnp.asarray(ids, jnp.int32))
+    return _Layout(q_segment_ids=out[0], kv_segment_ids=out[1])
+
+
+def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k):
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not hasattr(cu, "shape") or not hasattr(cu, "dtype"):
+            raise TypeError(f"{name} must be an int32 array, got {type(cu).__name__}")
+        if cu.dtype != jnp.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.ndim != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must have shape (batch + 1,), got {_shape_str(cu)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same shape (batch + 1,), got "
+            f"{_shape_str(cu_seqlens_q)} and {_shape_str(cu_seqlens_k)}"
+        )
+
+
+def _check_max_seqlen(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a static Python int (not traced), got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
 # ---- Kernel path ------------------------------------------------------------
 
 
@@ -211,29 +268,57 @@ def _q_shape(xs, packing: str):
 
 
 def _score_attrs(static: _Static) -> dict:
+    # With segment ids the window is folded into the segment tables.
+    left, right = (-1, -1) if static.segments else (static.window_left, static.window_right)
     return dict(
         softmax_scale=np.float32(static.softmax_scale),
-        window_left=np.int32(static.window_left),
-        window_right=np.int32(static.window_right),
+        window_left=np.int32(left),
+        window_right=np.int32(right),
         softcap=np.float32(static.softcap),
         dropout_p=np.float32(static.dropout_p),
         dropout_threshold=np.int32(reference.dropout_threshold(static.dropout_p)),
+        max_seqlen_q=np.int32(max(static.max_seqlen_q, 0)),
+        max_seqlen_k=np.int32(max(static.max_seqlen_k, 0)),
     )
 
 
 class _Mods(NamedTuple):
-    """Array operands of the score modifiers; empty arrays when off (the
-    handlers take them either way)."""
+    """Non-differentiable array operands of the kernels, in the handlers'
+    order; empty arrays when off (the handlers take them either way)."""
 
-    alibi: jax.Array  # float32 (batch, nheads) or (0,)
-    rng: jax.Array  # uint32 (batch, 4) or (0,)
+    alibi: jax.Array  # float32 (batch, nheads)
+    rng: jax.Array  # uint32 (batch, 4)
+    cu_seqlens_q: jax.Array  # int32 (batch + 1,), varlen
+    cu_seqlens_k: jax.Array  # int32 (batch + 1,), varlen
+    seg_q: jax.Array  # int32 (batch, seqlen_q, 4), segment ids (_segment_tables)
+    seg_k: jax.Array  # int32 (batch, seqlen_k, 4)
 
     @staticmethod
-    def of(alibi, rng) -> "_Mods":
+    def of(alibi=None, rng=None, cu_seqlens_q=None, cu_seqlens_k=None, seg_q=None,
+           seg_k=None) -> "_Mods":
+        def operand(x, dtype):
+            return jnp.zeros((0,), dtype) if x is None else x
+
         return _Mods(
-            jnp.zeros((0,), jnp.float32) if alibi is None else alibi,
-            jnp.zeros((0,), jnp.uint32) if rng is None else rng,
+            operand(alibi, jnp.float32), operand(rng, jnp.uint32),
+            operand(cu_seqlens_q, jnp.int32), operand(cu_seqlens_k, jnp.int32),
+            operand(seg_q, jnp.int32), operand(seg_k, jnp.int32),
         )
+
+    def zero_cotangents(self) -> "_Mods":
+        """The cotangent of these operands: nothing flows into them."""
+        return _Mods(*(
+            jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating)
+            else np.zeros(x.shape, jax.dtypes.float0)
+            for x in self
+        ))
+
+
+def _vmap_method(static: _Static) -> str:
+    # Extra leading (vmapped) dims fold into the kernel's batch; varlen
+    # buffers carry their sequences in cu_seqlens instead, so a vmapped
+    # varlen call runs once per element.
+    return "sequential" if static.varlen else "broadcast_all"
 
 
 def _fwd_kernel(xs, mods: _Mods, static: _Static):
@@ -246,9 +331,8 @@ def _fwd_kernel(xs, mods: _Mods, static: _Static):
         jax.ShapeDtypeStruct(q_shape, xs[0].dtype),
         jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),
     )
-    # Extra leading (vmapped) dims fold into the kernel's batch.
     target = "jax_flash_fwd" + _TARGET_SUFFIX[static.packing]
-    out, lse = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(
+    out, lse = jax.ffi.ffi_call(target, out_types, vmap_method=_vmap_method(static))(
         *xs, *mods, **_score_attrs(static)
     )
     return out[..., :head_dim], lse
@@ -274,18 +358,28 @@ def _bwd_kernel(xs, mods: _Mods, out, lse, d_out, static: _Static):
     *xs, out, d_out = _pad_head_dim(kernel_dim, *xs, out, d_out)
     q_shape, seqlen_k, nheads_k = _q_shape(xs, static.packing)
     *lead, seqlen_q, nheads, _ = q_shape
-    seqlen_q_rounded = -(-seqlen_q // _BWD_BLOCK_M) * _BWD_BLOCK_M
-    splits = _dq_accum_splits(math.prod(lead), nheads_k, seqlen_k) if static.deterministic else 1
+    if static.varlen:
+        # One (1, total_q, ...) buffer; every sequence's dQ tiles start on a
+        # tile boundary of the accumulator (csrc/params.h).
+        batch = mods.cu_seqlens_q.shape[0] - 1
+        accum_rows = seqlen_q + batch * _BWD_BLOCK_M
+        accum_lead, splits_seqlen_k = (), static.max_seqlen_k
+    else:
+        batch, accum_rows = math.prod(lead), seqlen_q
+        accum_lead, splits_seqlen_k = tuple(lead), seqlen_k
+    seqlen_q_rounded = -(-accum_rows // _BWD_BLOCK_M) * _BWD_BLOCK_M
+    splits = _dq_accum_splits(batch, nheads_k, splits_seqlen_k) if static.deterministic else 1
     out_types = (
         *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs),
         # Scratch the kernels need, allocated by XLA and dropped here.
         jax.ShapeDtypeStruct(  # dq_accum
-            (*lead, splits, nheads, seqlen_q_rounded, _compiled_head_dim(kernel_dim)), jnp.float32
+            (*accum_lead, splits, nheads, seqlen_q_rounded, _compiled_head_dim(kernel_dim)),
+            jnp.float32,
         ),
         jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),  # softmax_d
     )
     target = "jax_flash_bwd" + _TARGET_SUFFIX[static.packing]
-    grads = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(
+    grads = jax.ffi.ffi_call(target, out_types, vmap_method=_vmap_method(static))(
         *xs, out, lse, d_out, *mods, deterministic=bool(static.deterministic),
         **_score_attrs(static)
     )
@@ -305,25 +399,142 @@ def _dropout_mask(q_shape, seqlen_k: int, rng, static: _Static):
     return reference.dropout_keep_mask(rng, nheads, seqlen_q, seqlen_k, static.dropout_p)
 
 
-def _reference(xs, mods: _Mods, static: _Static):
+def _segment_tables(q_seg, kv_seg, left: int, right: int):
+    """The kernels' segment tables (csrc/params.h: seg_q, seg_k) from segment
+    ids (batch..., seqlen_q) / (batch..., seqlen_k) and the window.
+
+    Row i of segment s may see keys [lo, hi]: the first to the last key of s,
+    cut to the window around its diagonal i + shift, shift = k_last(s) -
+    q_last(s) (reference.segment_positions). Key j of segment t is seen by
+    rows [qlo, qhi], the inverse. Empty ranges are (2^30, -1). `exact` says
+    whether every id's keys form one run (then [lo, hi] alone decides).
+    O(seqlen log seqlen) per row: sorts, no seqlen^2 mask.
+    """
+    empty_lo = jnp.int32(2**30)
+
+    def occurrences(ids, queries):
+        """first/last index in ids of each query value, and whether present."""
+        order = jnp.argsort(ids, stable=True).astype(jnp.int32)
+        ids_sorted = ids[order]
+        # "scan_unrolled": a fixed number of vector steps; the default scan is
+        # a while loop, whose every trip costs a device-to-host sync on GPUs.
+        lo = jnp.searchsorted(ids_sorted, queries, side="left", method="scan_unrolled")
+        hi = jnp.searchsorted(ids_sorted, queries, side="right", method="scan_unrolled") - 1
+        present = hi >= lo
+        n = ids.shape[0]
+        first = order[jnp.clip(lo, 0, max(n - 1, 0))] if n else jnp.zeros_like(queries)
+        last = order[jnp.clip(hi, 0, max(n - 1, 0))] if n else jnp.zeros_like(queries)
+        return present, first, last, ids_sorted
+
+    def one(qs, ks):
+        sq, sk = qs.shape[0], ks.shape[0]
+        k_has, k_first, k_last, ks_sorted = occurrences(ks, qs)
+        k_last = jnp.where(k_has, k_last, -1)  # as reference.segment_positions
+        _, _, q_last_own, _ = occurrences(qs, qs)
+        shift = k_last - q_last_own
+        rows = jnp.arange(sq, dtype=jnp.int32)
+        lo, hi = k_first, k_last
+        if left >= 0:
+            lo = jnp.maximum(lo, rows + shift - left)
+        if right >= 0:
+            hi = jnp.minimum(hi, rows + shift + right)
+        lo = jnp.where(k_has, lo, empty_lo)
+        hi = jnp.where(k_has, hi, -1)
+
+        q_has, q_first, q_last, _ = occurrences(qs, ks)
+        q_last = jnp.where(q_has, q_last, -1)
+        _, _, k_last_own, _ = occurrences(ks, ks)
+        key_shift = k_last_own - q_last
+        keys = jnp.arange(sk, dtype=jnp.int32)
+        qlo, qhi = q_first, q_last
+        if right >= 0:
+            qlo = jnp.maximum(qlo, keys - key_shift - right)
+        if left >= 0:
+            qhi = jnp.minimum(qhi, keys - key_shift + left)
+        qlo = jnp.where(q_has, qlo, empty_lo)
+        qhi = jnp.where(q_has, qhi, -1)
+
+        runs = jnp.sum(ks[1:] != ks[:-1])
+        distinct = jnp.sum(ks_sorted[1:] != ks_sorted[:-1])
+        exact = jnp.broadcast_to((runs == distinct).astype(jnp.int32), (sk,))
+        seg_q = jnp.stack([lo, hi, qs, shift], axis=-1).astype(jnp.int32)
+        seg_k = jnp.stack([qlo, qhi, ks, exact], axis=-1).astype(jnp.int32)
+        return seg_q, seg_k
+
+    fn = one
+    for _ in range(q_seg.ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+
+
+class _Layout(NamedTuple):
+    """How rows are laid out beyond (batch, seqlen): varlen or segment ids.
+    Arrays here are the user's (not the kernels' tables)."""
+
+    cu_seqlens_q: jax.Array | None = None
+    cu_seqlens_k: jax.Array | None = None
+    max_seqlen_q: int = -1
+    max_seqlen_k: int = -1
+    q_segment_ids: jax.Array | None = None
+    kv_segment_ids: jax.Array | None = None
+
+
+def _reference(xs, mods: _Mods, static: _Static, layout: _Layout):
     q, k, v = _unpack(xs, static.packing)
-    batch, seqlen_q, nheads, _ = q.shape
+    nheads = q.shape[-2]
+    alibi = mods.alibi if mods.alibi.size else None
+    window = (static.window_left, static.window_right)
+    if static.varlen:
+        keep = None
+        if static.dropout_p > 0:
+            keep = reference.dropout_keep_mask(mods.rng, nheads, static.max_seqlen_q,
+                                               static.max_seqlen_k, static.dropout_p)
+        out, lse = reference.attention_varlen_padded(
+            q[0], k[0], v[0], layout.cu_seqlens_q, layout.cu_seqlens_k, static.max_seqlen_q,
+            static.max_seqlen_k, softmax_scale=static.softmax_scale, window_size=window,
+            softcap=static.softcap, alibi_slopes=alibi, dropout_p=static.dropout_p,
+            dropout_mask=keep, upcast=True)
+        return out[None], lse[None]
     keep = None
     if static.dropout_p > 0:
-        keep = reference.dropout_keep_mask(mods.rng, nheads, seqlen_q, k.shape[1],
+        keep = reference.dropout_keep_mask(mods.rng, nheads, q.shape[1], k.shape[1],
                                            static.dropout_p)
     return reference.attention_ref(
-        q,
-        k,
-        v,
-        softmax_scale=static.softmax_scale,
-        window_size=(static.window_left, static.window_right),
-        softcap=static.softcap,
-        alibi_slopes=mods.alibi if mods.alibi.size else None,
-        dropout_p=static.dropout_p,
-        dropout_mask=keep,
-        upcast=True,
-    )
+        q, k, v, softmax_scale=static.softmax_scale, window_size=window,
+        softcap=static.softcap, alibi_slopes=alibi, dropout_p=static.dropout_p,
+        dropout_mask=keep, q_segment_ids=layout.q_segment_ids,
+        kv_segment_ids=layout.kv_segment_ids, upcast=True)
+
+
+def _attn_probs(xs, lse, mods: _Mods, static: _Static, layout: _Layout):
+    """return_attn_probs' probabilities from q, k and the LSE (XLA, small
+    sizes), dropped entries negated. Varlen: (batch, nheads, max_seqlen_q,
+    max_seqlen_k), each sequence padded."""
+    q, k, _ = (jax.lax.stop_gradient(x) for x in _unpack(xs, static.packing))
+    lse = jax.lax.stop_gradient(lse)
+    alibi = mods.alibi if mods.alibi.size else None
+    opts = dict(softmax_scale=static.softmax_scale, softcap=static.softcap, alibi_slopes=alibi,
+                window_size=(static.window_left, static.window_right))
+    if static.varlen:
+        index_q, valid_q, len_q = reference.varlen_rows(
+            layout.cu_seqlens_q, static.max_seqlen_q, q.shape[1])
+        index_k, valid_k, len_k = reference.varlen_rows(
+            layout.cu_seqlens_k, static.max_seqlen_k, k.shape[1])
+        q_pad = jnp.where(valid_q[..., None, None], jnp.take(q[0], index_q, axis=0), 0)
+        k_pad = jnp.where(valid_k[..., None, None], jnp.take(k[0], index_k, axis=0), 0)
+        lse_pad = jnp.where(valid_q[:, None, :], jnp.take(lse[0], index_q, axis=1).swapaxes(0, 1),
+                            jnp.inf)
+        probs = reference.attention_probs(q_pad, k_pad, lse_pad, key_lengths=len_k,
+                                          query_lengths=len_q, **opts)
+        q_shape, seqlen_k = q_pad.shape, static.max_seqlen_k
+    else:
+        probs = reference.attention_probs(q, k, lse, q_segment_ids=layout.q_segment_ids,
+                                          kv_segment_ids=layout.kv_segment_ids, **opts)
+        q_shape, seqlen_k = q.shape, k.shape[1]
+    if static.dropout_p > 0:
+        keep = _dropout_mask(q_shape, seqlen_k, mods.rng, static)
+        probs = jnp.where(keep, probs, -probs)
+    return probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -338,47 +549,50 @@ def _attention_gpu_fwd(static, xs, mods):
 
 def _attention_gpu_bwd(static, residuals, cotangents):
     # The LSE output is not differentiable: its cotangent is ignored. So are
-    # the ALiBi slopes and the dropout RNG state (zero / float0 cotangents).
+    # the integer and RNG operands and the ALiBi slopes.
     xs, mods, out, lse = residuals
     d_out, _ = cotangents
     grads = _bwd_kernel(xs, mods, out, lse, d_out.astype(xs[0].dtype), static)
-    no_grad = _Mods(jnp.zeros_like(mods.alibi), np.zeros(mods.rng.shape, jax.dtypes.float0))
-    return grads, no_grad
+    return grads, mods.zero_cotangents()
 
 
 _attention_gpu.defvjp(_attention_gpu_fwd, _attention_gpu_bwd)
 
 
 def _attention(xs, packing, dropout_p, softmax_scale, causal, window_size, softcap,
-               alibi_slopes, deterministic, return_attn_probs, dropout_key):
+               alibi_slopes, deterministic, return_attn_probs, dropout_key,
+               layout: _Layout = _Layout()):
     """Option validation and dispatch shared by the public functions (which
-    check their array arguments first)."""
-    q_shape, seqlen_k, _ = _q_shape(xs, packing)
+    check their array arguments and the layout first). Varlen inputs arrive
+    as (1, total, ...) buffers and the outputs leave with that leading 1."""
+    q_shape, _, _ = _q_shape(xs, packing)
     batch, _, nheads, head_dim = q_shape
+    varlen = layout.cu_seqlens_q is not None
+    if varlen:
+        batch = layout.cu_seqlens_q.shape[0] - 1  # sequences
     left, right = _check_window(window_size, causal)
     scale = _check_scale(softmax_scale, head_dim)
     softcap = _check_softcap(softcap)
     alibi = _check_alibi(alibi_slopes, batch, nheads)
     dropout_p, rng = _check_dropout(dropout_p, dropout_key, batch)
-    static = _Static(scale, left, right, bool(deterministic), packing, softcap, dropout_p)
-    mods = _Mods.of(alibi, rng)
+    segments = layout.q_segment_ids is not None
+    static = _Static(scale, left, right, bool(deterministic), packing, softcap, dropout_p,
+                     layout.max_seqlen_q, layout.max_seqlen_k, segments)
 
     if _ffi.on_gpu():
         _ffi.kernels_or_raise()
+        seg_q = seg_k = None
+        if segments:
+            seg_q, seg_k = _segment_tables(layout.q_segment_ids, layout.kv_segment_ids, left,
+                                           right)
+        mods = _Mods.of(alibi, rng, layout.cu_seqlens_q, layout.cu_seqlens_k, seg_q, seg_k)
         out, lse = _attention_gpu(static, tuple(xs), mods)
     else:
-        out, lse = _reference(xs, mods, static)
+        mods = _Mods.of(alibi, rng)
+        out, lse = _reference(xs, mods, static, layout)
     if not return_attn_probs:
         return out
-    lse = jax.lax.stop_gradient(lse)
-    q, k, _ = _unpack(xs, packing)
-    probs = reference.attention_probs(
-        jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), lse, softmax_scale=scale,
-        window_size=(left, right), softcap=softcap, alibi_slopes=alibi)
-    if dropout_p > 0:
-        keep = _dropout_mask(q_shape, seqlen_k, rng, static)
-        probs = jnp.where(keep, probs, -probs)
-    return out, lse, probs
+    return out, jax.lax.stop_gradient(lse), _attn_probs(xs, lse, mods, static, layout)
 
 
 # ---- Public API -------------------------------------------------------------
@@ -398,6 +612,7 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     dropout_key=None,
+    segment_ids=None,
 ):
     """Exact attention softmax(q k^T * scale) v, FlashAttention-2 style.
 
@@ -441,6 +656,16 @@ def flash_attn_func(
         gives bit-identical results and the batch elements get independent
         masks. Under `vmap`, per-example keys give independent masks and an
         unbatched key gives each example the mask it would get alone.
+      segment_ids: optional `(q_segment_ids, kv_segment_ids)`, integer arrays
+        (batch, seqlen_q) and (batch, seqlen_k): document masking for packed
+        sequences. A query attends only keys with its own segment id, and
+        causal / window / ALiBi positions count inside the segment: the last
+        query of a segment lines up with the last key of that segment
+        (`jax_flash.reference.segment_positions`). Computed in the kernels
+        from O(seqlen) tables (no mask is materialised), skipping K/V tiles
+        that share no segment with a Q tile; fastest when every id forms one
+        contiguous run (packed documents). A query whose id no key has gets
+        output 0 and LSE +inf.
 
     Returns:
       out: (batch, seqlen_q, nheads, headdim) in q's dtype; or, with
@@ -457,7 +682,8 @@ def flash_attn_func(
     """
     _check_qkv(q, k, v)
     return _attention((q, k, v), "", dropout_p, softmax_scale, causal, window_size, softcap,
-                      alibi_slopes, deterministic, return_attn_probs, dropout_key)
+                      alibi_slopes, deterministic, return_attn_probs, dropout_key,
+                      _segment_layout(segment_ids, q.shape[0], q.shape[1], k.shape[1]))
 
 
 def _check_packed(name: str, x, packs: int, layout: str) -> None:
@@ -479,6 +705,7 @@ def flash_attn_qkvpacked_func(
     return_attn_probs: bool = False,
     *,
     dropout_key=None,
+    segment_ids=None,
 ):
     """`flash_attn_func` with q, k, v packed in one array.
 
@@ -493,7 +720,8 @@ def flash_attn_qkvpacked_func(
     slot = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
     _check_qkv(slot, slot, slot)
     return _attention((qkv,), "qkv", dropout_p, softmax_scale, causal, window_size, softcap,
-                      alibi_slopes, deterministic, return_attn_probs, dropout_key)
+                      alibi_slopes, deterministic, return_attn_probs, dropout_key,
+                      _segment_layout(segment_ids, qkv.shape[0], qkv.shape[1], qkv.shape[1]))
 
 
 def flash_attn_kvpacked_func(
@@ -509,6 +737,7 @@ def flash_attn_kvpacked_func(
     return_attn_probs: bool = False,
     *,
     dropout_key=None,
+    segment_ids=None,
 ):
     """`flash_attn_func` with k and v packed in one array.
 
@@ -522,4 +751,222 @@ def flash_attn_kvpacked_func(
     slot = jax.ShapeDtypeStruct(kv.shape[:2] + kv.shape[3:], kv.dtype)
     _check_qkv(q, slot, slot)
     return _attention((q, kv), "kv", dropout_p, softmax_scale, causal, window_size, softcap,
-                      alibi_slopes, deterministic, return_attn_probs, dropout_key)
+                      alibi_slopes, deterministic, return_attn_probs, dropout_key,
+                      _segment_layout(segment_ids, q.shape[0], q.shape[1], kv.shape[1]))
+
+
+# ---- Variable-length (packed) sequences -----------------------------------------
+
+
+def _varlen(xs, packing, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+            return_attn_probs, dropout_key):
+    """Shared by the varlen functions: xs are (total, ...) buffers."""
+    _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
+    layout = _Layout(
+        cu_seqlens_q, cu_seqlens_k, _check_max_seqlen("max_seqlen_q", max_seqlen_q),
+        _check_max_seqlen("max_seqlen_k", max_seqlen_k),
+    )
+    result = _attention(tuple(x[None] for x in xs), packing, dropout_p, softmax_scale, causal,
+                        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                        dropout_key, layout)
+    if not return_attn_probs:
+        return result[0]
+    out, lse, probs = result
+    return out[0], lse[0], probs
+
+
+def _check_varlen_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) not in (None, 3):
+            raise ValueError(
+                f"{name} must have rank 3 (total, nheads, headdim), got shape {_shape_str(x)}"
+            )
+    _check_qkv(*(jax.ShapeDtypeStruct((1, *x.shape), x.dtype) if hasattr(x, "shape") else x
+                 for x in (q, k, v)))
+
+
+_VARLEN_DOC = """
+    Sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and
+    cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v; every mask, ALiBi and the
+    dropout RNG work per sequence as flash_attn_func does per batch element
+    (bottom-right aligned: the last query of a sequence lines up with its last
+    key). Works under jit with traced cu_seqlens; max_seqlen_* are static.
+
+    Robustness: the kernels never read or write outside the buffers. A
+    sequence's start is clamped into the buffer and its length to
+    max_seqlen_* and to the buffer's end, so lengths above max_seqlen_*
+    truncate the sequence to its first max_seqlen rows/keys (masks align to
+    the truncated lengths). Rows no (truncated) sequence covers — past
+    cu_seqlens[-1], or cut off — get output 0, LSE +inf and gradient 0.
+    Zero-length sequences are allowed. Under vmap, each element runs in turn.
+"""
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes=None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    dropout_key=None,
+):
+    """`flash_attn_func` over packed variable-length sequences.
+
+    Args:
+      q: (total_q, nheads, headdim), float16 or bfloat16.
+      k, v: (total_k, nheads_k, headdim).
+      cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) prefix sums of the
+        sequence lengths, starting at 0.
+      max_seqlen_q, max_seqlen_k: static Python ints >= every length.
+      alibi_slopes: float32 (nheads,) or (batch, nheads), batch = sequences.
+      Other arguments: as `flash_attn_func` (dropout masks are drawn per
+        sequence, as per batch element there).
+
+    Returns:
+      out (total_q, nheads, headdim); with return_attn_probs=True
+      `(out, softmax_lse, attn_probs)` with softmax_lse (nheads, total_q)
+      float32 and attn_probs (batch, nheads, max_seqlen_q, max_seqlen_k), each
+      sequence's probabilities padded with zeros (testing only). Gradients
+      flow through `out` only.
+    """ + _VARLEN_DOC
+    _check_varlen_qkv(q, k, v)
+    return _varlen((q, k, v), "", cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                   deterministic, return_attn_probs, dropout_key)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes=None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    dropout_key=None,
+):
+    """`flash_attn_varlen_func` with q, k, v packed in one (total, 3, nheads,
+    headdim) array and one cu_seqlens / max_seqlen for both. The kernels read
+    qkv in place and write the gradient in the packed layout."""
+    if not hasattr(qkv, "shape") or not hasattr(qkv, "dtype"):
+        raise TypeError(f"qkv must be a JAX array, got {type(qkv).__name__}")
+    if qkv.ndim != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (total, 3, nheads, headdim), got {_shape_str(qkv)}")
+    slot = jax.ShapeDtypeStruct(qkv.shape[:1] + qkv.shape[2:], qkv.dtype)
+    _check_varlen_qkv(slot, slot, slot)
+    return _varlen((qkv,), "qkv", cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_attn_probs, dropout_key)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes=None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    dropout_key=None,
+):
+    """`flash_attn_varlen_func` with k and v packed in one (total_k, 2,
+    nheads_k, headdim) array, read and differentiated in place."""
+    if not hasattr(kv, "shape") or not hasattr(kv, "dtype"):
+        raise TypeError(f"kv must be a JAX array, got {type(kv).__name__}")
+    if kv.ndim != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv must have shape (total_k, 2, nheads_k, headdim), got {_shape_str(kv)}")
+    slot = jax.ShapeDtypeStruct(kv.shape[:1] + kv.shape[2:], kv.dtype)
+    _check_varlen_qkv(q, slot, slot)
+    return _varlen((q, kv), "kv", cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                   deterministic, return_attn_probs, dropout_key)
+
+
+def unpad_input(x, padding_mask, total: int | None = None):
+    """Packs the valid tokens of a padded batch for the varlen functions.
+
+    Args:
+      x: (batch, seqlen, ...).
+      padding_mask: bool (batch, seqlen), True for real tokens (any order
+        inside a row; rows keep their token order).
+      total: static number of rows of the result. None: the number of valid
+        tokens, which needs a concrete padding_mask; inside jit pass an upper
+        bound (e.g. batch * seqlen): rows past the valid tokens are zero and
+        belong to no sequence (the kernels give them output 0).
+
+    Returns:
+      x_unpadded: (total, ...).
+      indices: int32 (total,) position of each row in the flattened (batch *
+        seqlen) input; batch * seqlen for filler rows.
+      cu_seqlens: int32 (batch + 1,) prefix sums of the per-row token counts.
+      max_seqlen: static int, the longest row when padding_mask is concrete,
+        else seqlen (an upper bound, valid for the varlen functions).
+    """
+    if not hasattr(x, "shape") or x.ndim < 2:
+        raise ValueError(f"x must have shape (batch, seqlen, ...), got {getattr(x, 'shape', x)!r}")
+    batch, seqlen = x.shape[:2]
+    padding_mask = jnp.asarray(padding_mask)
+    if padding_mask.shape != (batch, seqlen) or padding_mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"padding_mask must be bool of shape {(batch, seqlen)}, got "
+            f"{padding_mask.dtype} {_shape_str(padding_mask)}"
+        )
+    lengths = jnp.sum(padding_mask, axis=1, dtype=jnp.int32)
+    try:
+        concrete = np.asarray(lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None
+    if total is None:
+        if concrete is None:
+            raise ValueError("unpad_input: pass a static `total` when padding_mask is traced")
+        total = int(concrete.sum())
+    total = _check_max_seqlen("total", total)
+    max_seqlen = int(concrete.max(initial=0)) if concrete is not None else seqlen
+    flat = padding_mask.reshape(-1)
+    (indices,) = jnp.nonzero(flat, size=total, fill_value=batch * seqlen)
+    indices = indices.astype(jnp.int32)
+    x_unpadded = jnp.take(x.reshape(batch * seqlen, *x.shape[2:]), indices, axis=0,
+                          mode="fill", fill_value=0)
+    cu_seqlens = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths, dtype=jnp.int32)])
+    return x_unpadded, indices, cu_seqlens, max_seqlen
+
+
+def pad_input(x_unpadded, indices, batch: int, seqlen: int):
+    """Inverse of `unpad_input`: (total, ...) rows back to (batch, seqlen,
+    ...), zeros at the padding. Filler rows (index batch * seqlen) are
+    dropped."""
+    x_unpadded = jnp.asarray(x_unpadded)
+    indices = jnp.asarray(indices)
+    if indices.shape != x_unpadded.shape[:1]:
+        raise ValueError(
+            f"indices must have shape ({x_unpadded.shape[0]},) like x_unpadded's rows, got "
+            f"{_shape_str(indices)}"
+        )
+    out = jnp.zeros((batch * seqlen, *x_unpadded.shape[1:]), x_unpadded.dtype)
+    out = out.at[indices].set(x_unpadded, mode="drop")
+    return out.reshape(batch, seqlen, *x_unpadded.shape[1:])

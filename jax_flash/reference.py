@@ -29,12 +29,15 @@ import numpy as np
 __all__ = [
     "attention_probs",
     "attention_ref",
+    "attention_varlen_padded",
     "attention_varlen_ref",
     "dropout_keep_mask",
     "dropout_rng",
     "dropout_threshold",
     "kvcache_ref",
     "philox4x32_10",
+    "segment_positions",
+    "varlen_rows",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -50,34 +53,46 @@ def _fail(name, expected, actual):
     raise ValueError(f"{name}: expected {expected}, got {actual}")
 
 
-def _relative_positions(seqlen_q, seqlen_k, key_lengths=None):
+def _relative_positions(seqlen_q, seqlen_k, key_lengths=None, query_lengths=None,
+                        row_shift=None):
     """Signed offset ``j - (i + shift)`` of key ``j`` from query ``i``'s diagonal.
 
     Args:
       seqlen_q, seqlen_k: static ints.
       key_lengths: optional int array ``(batch,)``; per-batch effective key
-        length ``L_b`` (``shift_b = L_b - seqlen_q``). None means ``seqlen_k``.
+        length ``L_b``. None means ``seqlen_k``.
+      query_lengths: optional int array ``(batch,)``; per-batch query length
+        ``Q_b`` (varlen sequences padded to seqlen_q). None means ``seqlen_q``.
+        The diagonal shift is ``L_b - Q_b``.
+      row_shift: optional int array ``(batch, seqlen_q)``: query ``i`` sits at
+        key position ``i + row_shift[b, i]`` (segment ids); overrides the
+        lengths' shift.
 
     Returns:
       int32 array broadcastable to ``(batch, 1, seqlen_q, seqlen_k)``.
     """
-    i = jnp.arange(seqlen_q, dtype=jnp.int32)[:, None]
-    j = jnp.arange(seqlen_k, dtype=jnp.int32)[None, :]
-    if key_lengths is None:
-        return (j - (i + (seqlen_k - seqlen_q)))[None, None]
-    shift = (key_lengths.astype(jnp.int32) - seqlen_q)[:, None, None, None]
-    return j[None, None] - (i[None, None] + shift)
+    i = jnp.arange(seqlen_q, dtype=jnp.int32)[None, None, :, None]
+    j = jnp.arange(seqlen_k, dtype=jnp.int32)[None, None, None, :]
+    if row_shift is not None:
+        return j - (i + row_shift.astype(jnp.int32)[:, None, :, None])
+    if key_lengths is None and query_lengths is None:
+        return j - (i + (seqlen_k - seqlen_q))
+    keys = seqlen_k if key_lengths is None else key_lengths.astype(jnp.int32)
+    queries = seqlen_q if query_lengths is None else query_lengths.astype(jnp.int32)
+    shift = jnp.reshape(jnp.asarray(keys - queries, jnp.int32), (-1, 1, 1, 1))
+    return j - (i + shift)
 
 
-def _visibility_mask(seqlen_q, seqlen_k, *, causal, window_size, key_lengths=None):
+def _visibility_mask(seqlen_q, seqlen_k, *, causal, window_size, key_lengths=None,
+                     query_lengths=None, row_shift=None):
     """The single definition of which keys a query may attend to.
 
     Args:
       seqlen_q, seqlen_k: static ints.
       causal: bool; forces the right window to 0.
       window_size: ``(left, right)``; a negative value means unbounded.
-      key_lengths: optional int array ``(batch,)``; keys at ``j >= L_b`` are
-        invisible and the diagonal is aligned to ``L_b`` instead of seqlen_k.
+      key_lengths, query_lengths, row_shift: as in ``_relative_positions``;
+        keys at ``j >= L_b`` are invisible.
 
     Returns:
       bool array broadcastable to ``(batch, 1, seqlen_q, seqlen_k)``.
@@ -85,7 +100,7 @@ def _visibility_mask(seqlen_q, seqlen_k, *, causal, window_size, key_lengths=Non
     left, right = window_size
     if causal:
         right = 0
-    rel = _relative_positions(seqlen_q, seqlen_k, key_lengths)
+    rel = _relative_positions(seqlen_q, seqlen_k, key_lengths, query_lengths, row_shift)
     visible = jnp.ones(rel.shape, dtype=bool)
     if left >= 0:
         visible &= rel >= -left
@@ -95,6 +110,36 @@ def _visibility_mask(seqlen_q, seqlen_k, *, causal, window_size, key_lengths=Non
         j = jnp.arange(seqlen_k, dtype=jnp.int32)
         visible &= j[None, None, None, :] < key_lengths.astype(jnp.int32)[:, None, None, None]
     return visible
+
+
+def segment_positions(q_segment_ids, kv_segment_ids):
+    """Where segment ids put each query: ``(segment_mask, row_shift)``.
+
+    A query sees only keys with its own segment id, and inside its segment
+    masks and ALiBi are bottom-right aligned as for one sequence: the last
+    query of segment s lines up with the last key of s. Query ``i`` therefore
+    sits at key position ``i + row_shift[b, i]`` with ``row_shift = k_last(s)
+    - q_last(s)``, the last indices of ``s`` among the keys and the queries
+    (for contiguous segments, position within the segment plus its
+    bottom-right offset). A query whose id no key has sees nothing.
+
+    Args:
+      q_segment_ids: int ``(batch, seqlen_q)``.
+      kv_segment_ids: int ``(batch, seqlen_k)``.
+
+    Returns:
+      segment_mask: bool ``(batch, 1, seqlen_q, seqlen_k)``.
+      row_shift: int32 ``(batch, seqlen_q)``.
+    """
+    q_seg = jnp.asarray(q_segment_ids)
+    kv_seg = jnp.asarray(kv_segment_ids)
+    same = q_seg[:, :, None] == kv_seg[:, None, :]  # (batch, seqlen_q, seqlen_k)
+    same_q = q_seg[:, :, None] == q_seg[:, None, :]  # (batch, seqlen_q, seqlen_q)
+    k_index = jnp.arange(kv_seg.shape[1], dtype=jnp.int32)
+    q_index = jnp.arange(q_seg.shape[1], dtype=jnp.int32)
+    k_last = jnp.max(jnp.where(same, k_index, -1), axis=-1)
+    q_last = jnp.max(jnp.where(same_q, q_index, -1), axis=-1)
+    return same[:, None], (k_last - q_last).astype(jnp.int32)
 
 
 def _check_window(window_size):
@@ -133,7 +178,7 @@ def _check_qkv(q, k, v):
 
 
 def _scores(q, k, *, softmax_scale, causal, window_size, softcap, alibi_slopes, segment_mask,
-            key_lengths, upcast):
+            key_lengths, upcast, query_lengths=None, row_shift=None):
     """float32 ``(batch, nheads, seqlen_q, seqlen_k)`` scores after scaling,
     softcap and ALiBi, with invisible keys at -inf. k already has nheads heads."""
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
@@ -145,11 +190,12 @@ def _scores(q, k, *, softmax_scale, causal, window_size, softcap, alibi_slopes, 
     if softcap > 0:
         scores = jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
     if alibi_slopes is not None:
-        rel = _relative_positions(seqlen_q, seqlen_k, key_lengths)
+        rel = _relative_positions(seqlen_q, seqlen_k, key_lengths, query_lengths, row_shift)
         scores = scores - alibi_slopes[:, :, None, None] * jnp.abs(rel).astype(jnp.float32)
 
     mask = _visibility_mask(seqlen_q, seqlen_k, causal=causal, window_size=window_size,
-                            key_lengths=key_lengths)
+                            key_lengths=key_lengths, query_lengths=query_lengths,
+                            row_shift=row_shift)
     if segment_mask is not None:
         mask = mask & segment_mask
     return jnp.where(mask, scores, -jnp.inf)
@@ -157,12 +203,13 @@ def _scores(q, k, *, softmax_scale, causal, window_size, softcap, alibi_slopes, 
 
 def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_slopes,
                dropout_p=0.0, dropout_mask=None, segment_mask=None, key_lengths=None,
-               upcast=True):
+               query_lengths=None, row_shift=None, upcast=True):
     """Shared implementation; inputs already validated.
 
     ``alibi_slopes`` is float32 ``(batch or 1, nheads)`` or None;
     ``segment_mask`` is bool ``(batch, 1, seqlen_q, seqlen_k)`` or None;
-    ``key_lengths`` is int ``(batch,)`` or None (see ``_visibility_mask``).
+    ``key_lengths``, ``query_lengths`` int ``(batch,)`` and ``row_shift`` int
+    ``(batch, seqlen_q)`` or None (see ``_relative_positions``).
     """
     out_dtype = q.dtype
     _, seqlen_q, nheads, _ = q.shape
@@ -184,7 +231,8 @@ def _attention(q, k, v, *, softmax_scale, causal, window_size, softcap, alibi_sl
 
     scores = _scores(q, k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                      softcap=softcap, alibi_slopes=alibi_slopes, segment_mask=segment_mask,
-                     key_lengths=key_lengths, upcast=upcast)
+                     key_lengths=key_lengths, upcast=upcast, query_lengths=query_lengths,
+                     row_shift=row_shift)
 
     # Numerically stable softmax that stays finite (values and gradients) on
     # rows where every key is masked: such rows have row_max = -inf, which we
@@ -240,7 +288,8 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
         affected by dropout.
       q_segment_ids: int ``(batch, seqlen_q)``; give both or neither.
       kv_segment_ids: int ``(batch, seqlen_k)``; a key is visible only if its
-        segment id equals the query's.
+        segment id equals the query's, and causal/window/ALiBi positions count
+        inside the segment (``segment_positions``).
       upcast: if True compute everything in float32; if False do both matmuls
         in the input dtype (softmax in float32, P cast to v's dtype before P@V).
 
@@ -283,12 +332,14 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
             _fail("q_segment_ids", f"shape {(batch, seqlen_q)}", f"shape {q_seg.shape}")
         if kv_seg.shape != (batch, seqlen_k):
             _fail("kv_segment_ids", f"shape {(batch, seqlen_k)}", f"shape {kv_seg.shape}")
-        segment_mask = (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+        segment_mask, row_shift = segment_positions(q_seg, kv_seg)
+    else:
+        row_shift = None
 
     return _attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
                       window_size=window_size, softcap=float(softcap), alibi_slopes=alibi,
                       dropout_p=float(dropout_p), dropout_mask=dropout_mask,
-                      segment_mask=segment_mask, upcast=upcast)
+                      segment_mask=segment_mask, row_shift=row_shift, upcast=upcast)
 
 
 def _concrete_cu_seqlens(name, cu_seqlens, total):
@@ -349,6 +400,83 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=N
         return (jnp.zeros((0, nheads, v.shape[2]), q.dtype),
                 jnp.zeros((nheads, 0), jnp.float32))
     return jnp.concatenate(outs, axis=0), jnp.concatenate(lses, axis=1)
+
+
+def varlen_rows(cu_seqlens, max_seqlen, total):
+    """Rows of a packed buffer that each sequence owns, clamped as the kernels
+    clamp them: sequence ``b`` starts at ``cu_seqlens[b]`` clipped to
+    ``[0, total]`` and keeps ``cu_seqlens[b + 1] - cu_seqlens[b]`` rows, at most
+    ``max_seqlen`` and never past the buffer's end. Works on traced values.
+
+    Returns:
+      index: int32 ``(batch, max_seqlen)`` buffer row of each padded position.
+      valid: bool ``(batch, max_seqlen)``.
+      lengths: int32 ``(batch,)`` clamped lengths.
+    """
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    start = jnp.clip(cu[:-1], 0, total)
+    lengths = jnp.clip(cu[1:] - cu[:-1], 0, None)
+    lengths = jnp.minimum(jnp.minimum(lengths, max_seqlen), total - start)
+    pos = jnp.arange(max_seqlen, dtype=jnp.int32)
+    valid = pos[None, :] < lengths[:, None]
+    index = jnp.where(valid, start[:, None] + pos[None, :], 0)
+    return index, valid, lengths
+
+
+def attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                            softmax_scale=None, causal=False, window_size=(-1, -1),
+                            softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_mask=None,
+                            upcast=True):
+    """Variable-length attention with traced ``cu_seqlens`` (jit-friendly).
+
+    The same semantics as ``attention_varlen_ref``, computed by gathering the
+    sequences into a padded ``(batch, max_seqlen, ...)`` batch (clamped as in
+    ``varlen_rows``), running ``attention_ref``'s computation with per-sequence
+    lengths and scattering back. Rows no sequence covers get output 0 and
+    ``lse = +inf``.
+
+    Args:
+      q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``.
+      cu_seqlens_q, cu_seqlens_k: int ``(batch + 1,)``, may be traced.
+      max_seqlen_q, max_seqlen_k: static ints.
+      dropout_mask: bool ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` in
+        per-sequence coordinates, True = keep; needed when dropout_p > 0.
+      Other arguments: as in ``attention_ref``; alibi_slopes is ``(nheads,)``
+        or ``(batch, nheads)``.
+
+    Returns:
+      out: ``(total_q, nheads, headdim)`` in q's dtype.
+      lse: float32 ``(nheads, total_q)``.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    total_q, nheads, headdim = q.shape
+    total_k = k.shape[0]
+    batch = jnp.shape(cu_seqlens_q)[0] - 1
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(headdim)
+    index_q, valid_q, len_q = varlen_rows(cu_seqlens_q, max_seqlen_q, total_q)
+    index_k, valid_k, len_k = varlen_rows(cu_seqlens_k, max_seqlen_k, total_k)
+
+    def gather(x, index, valid):
+        if x.shape[0] == 0:  # an empty buffer: every sequence is empty
+            return jnp.zeros(index.shape + x.shape[1:], x.dtype)
+        rows = jnp.take(x, index, axis=0)  # (batch, max_seqlen, heads, d)
+        return jnp.where(valid[:, :, None, None], rows, jnp.zeros((), x.dtype))
+
+    out, lse = _attention(
+        gather(q, index_q, valid_q), gather(k, index_k, valid_k), gather(v, index_k, valid_k),
+        softmax_scale=softmax_scale, causal=causal, window_size=_check_window(window_size),
+        softcap=float(softcap), alibi_slopes=_check_alibi(alibi_slopes, batch, nheads),
+        dropout_p=float(dropout_p), dropout_mask=dropout_mask, key_lengths=len_k,
+        query_lengths=len_q, upcast=upcast)
+    if total_q == 0:
+        return jnp.zeros((0, nheads, v.shape[2]), out.dtype), jnp.zeros((nheads, 0), jnp.float32)
+    rows = jnp.where(valid_q, index_q, total_q).reshape(-1)  # invalid: dropped
+    out_flat = jnp.zeros((total_q, nheads, v.shape[2]), out.dtype).at[rows].set(
+        out.reshape(-1, nheads, v.shape[2]), mode="drop")
+    lse_flat = jnp.full((nheads, total_q), jnp.inf, jnp.float32).at[:, rows].set(
+        jnp.moveaxis(lse, 1, 0).reshape(nheads, -1), mode="drop")
+    return out_flat, lse_flat
 
 
 def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
@@ -526,12 +654,16 @@ def dropout_keep_mask(rng, nheads: int, seqlen_q: int, seqlen_k: int, dropout_p:
 
 
 def attention_probs(q, k, lse, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None):
+                    softcap=0.0, alibi_slopes=None, key_lengths=None, query_lengths=None,
+                    q_segment_ids=None, kv_segment_ids=None):
     """Attention probabilities ``exp(score - lse)`` for a given LSE, float32.
 
     Args:
       q, k: as in ``attention_ref``.
       lse: float32 ``(batch, nheads, seqlen_q)``, e.g. a kernel's.
+      key_lengths, query_lengths: optional int ``(batch,)``: sequences padded
+        to seqlen_k / seqlen_q (varlen), masks aligned to these lengths.
+      q_segment_ids, kv_segment_ids: optional segment ids (``attention_ref``).
       Other arguments: as in ``attention_ref``.
 
     Returns:
@@ -545,10 +677,14 @@ def attention_probs(q, k, lse, *, softmax_scale=None, causal=False, window_size=
         softmax_scale = 1.0 / math.sqrt(headdim)
     groups = nheads // k.shape[2]
     k = jnp.repeat(k.astype(jnp.float32), groups, axis=2)
+    segment_mask = row_shift = None
+    if q_segment_ids is not None:
+        segment_mask, row_shift = segment_positions(q_segment_ids, kv_segment_ids)
     scores = _scores(q.astype(jnp.float32), k, softmax_scale=softmax_scale, causal=causal,
                      window_size=_check_window(window_size), softcap=float(softcap),
                      alibi_slopes=_check_alibi(alibi_slopes, batch, nheads),
-                     segment_mask=None, key_lengths=None, upcast=True)
+                     segment_mask=segment_mask, key_lengths=key_lengths, upcast=True,
+                     query_lengths=query_lengths, row_shift=row_shift)
     lse = jnp.asarray(lse, jnp.float32)[..., None]
     return jnp.where(jnp.isfinite(lse), jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)),
                      0.0)

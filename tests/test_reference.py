@@ -34,10 +34,18 @@ def oracle(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), s
     lse = np.full((batch, nheads, seqlen_q), np.inf)
     for b in range(batch):
         length = seqlen_k if key_lengths is None else int(key_lengths[b])
-        shift = length - seqlen_q
         for h in range(nheads):
             kh = h // (nheads // nheads_k)
             for i in range(seqlen_q):
+                shift = length - seqlen_q
+                if q_segment_ids is not None:
+                    # Positions count inside the segment: its last query sits
+                    # at its last key.
+                    seg = q_segment_ids[b][i]
+                    k_last = max([j for j in range(seqlen_k) if kv_segment_ids[b][j] == seg],
+                                 default=-1)
+                    q_last = max(r for r in range(seqlen_q) if q_segment_ids[b][r] == seg)
+                    shift = k_last - q_last
                 cols = []
                 for j in range(length):
                     if left >= 0 and not j >= i + shift - left:

@@ -11,7 +11,8 @@
 
 namespace jax_flash::bwd {
 
-template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout>
+template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout,
+          bool kHasSegs>
 cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream);
 
 // Rows of Q per backward tile: the dQ accumulator's rows are seqlen_q

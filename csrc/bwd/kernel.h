@@ -28,6 +28,7 @@
 #include "../mask.h"
 #include "../params.h"
 #include "../score_mods.h"
+#include "../segments.h"
 #include "kernel_traits.h"
 
 namespace jax_flash::bwd {
@@ -35,16 +36,20 @@ namespace jax_flash::bwd {
 using namespace cute;
 
 // ---- 1. D = rowsum(dO * O) ----------------------------------------------------
-// One warp per (batch, head, row); head_dim <= 256 elements, 8 per lane.
+// One warp per (batch, head, row) of lse's layout: (batch, nheads, seqlen_q),
+// or (nheads, total_q) for varlen (every row of the buffer; rows no sequence
+// covers get a D that nothing reads).
 template <typename Element>
 __global__ void softmax_d_kernel(const AttnBwdParams p) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  const int rows = p.batch * p.nheads * p.seqlen_q;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int rows_per_head = varlen ? p.total_q : p.seqlen_q;
+  const int64_t rows = int64_t(varlen ? 1 : p.batch) * p.nheads * rows_per_head;
   if (warp >= rows) return;
-  const int row = warp % p.seqlen_q;
-  const int bidh = (warp / p.seqlen_q) % p.nheads;
-  const int bidb = warp / (p.seqlen_q * p.nheads);
+  const int row = warp % rows_per_head;
+  const int bidh = (warp / rows_per_head) % p.nheads;
+  const int bidb = warp / (int64_t(rows_per_head) * p.nheads);
   const Element* o = static_cast<const Element*>(p.o_ptr) + bidb * p.o_batch_stride +
                      row * p.o_row_stride + bidh * p.o_head_stride;
   const Element* d_o = static_cast<const Element*>(p.do_ptr) + bidb * p.do_batch_stride +
@@ -56,21 +61,36 @@ __global__ void softmax_d_kernel(const AttnBwdParams p) {
 }
 
 // ---- 3. dQ = scale * sum_s dQ_accum[s] -------------------------------------------
-// Four consecutive columns per thread (head_dim is a multiple of 8).
-template <typename Element, int kHeadDim>
+// Four consecutive columns per thread (head_dim is a multiple of 8). Varlen:
+// every row of the buffer, 0 for rows no sequence covers.
+template <typename Element, int kHeadDim, int kBlockM>
 __global__ void convert_dq_kernel(const AttnBwdParams p) {
   const int chunks = p.head_dim / 4;
-  const int64_t total = int64_t(p.batch) * p.seqlen_q * p.nheads * chunks;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int rows_per_batch = varlen ? p.total_q : p.seqlen_q;
+  const int64_t total = int64_t(varlen ? 1 : p.batch) * rows_per_batch * p.nheads * chunks;
   const int64_t split_stride = int64_t(p.nheads) * p.seqlen_q_rounded * kHeadDim;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int c = (i % chunks) * 4;
     const int64_t r = i / chunks;  // (batch, row, head) flattened, as dq
     const int bidh = r % p.nheads;
-    const int64_t row = (r / p.nheads) % p.seqlen_q;
-    const int64_t bidb = r / (int64_t(p.nheads) * p.seqlen_q);
-    const float* acc = p.dq_accum_ptr + bidb * p.dq_accum_splits * split_stride +
-                       (bidh * int64_t(p.seqlen_q_rounded) + row) * kHeadDim + c;
+    int64_t row = (r / p.nheads) % rows_per_batch;
+    const int64_t bidb = r / (int64_t(p.nheads) * rows_per_batch);
+    Element* dq = static_cast<Element*>(p.dq_ptr) + bidb * p.dq_batch_stride +
+                  row * p.dq_row_stride + bidh * p.dq_head_stride + c;
+    const float* acc = p.dq_accum_ptr + bidb * p.dq_accum_splits * split_stride;
+    if (varlen) {
+      // Row -> (sequence, row inside it) -> its tile-aligned accumulator row.
+      const int seq = sequence_of_row(p.cu_seqlens_q, p.batch, p.seqlen_q, p.total_q, int(row));
+      if (seq < 0) {
+        for (int e = 0; e < 4; ++e) dq[e] = Element(0.f);
+        continue;
+      }
+      const int start = SeqRows(p.cu_seqlens_q, seq, p.seqlen_q, p.total_q).start;
+      row = (start + int64_t(seq) * kBlockM) / kBlockM * kBlockM + (row - start);
+    }
+    acc += (bidh * int64_t(p.seqlen_q_rounded) + row) * kHeadDim + c;
     float4 sum = *reinterpret_cast<const float4*>(acc);
     for (int s = 1; s < p.dq_accum_splits; ++s) {
       const float4 part = *reinterpret_cast<const float4*>(acc + s * split_stride);
@@ -79,8 +99,6 @@ __global__ void convert_dq_kernel(const AttnBwdParams p) {
       sum.z += part.z;
       sum.w += part.w;
     }
-    Element* dq = static_cast<Element*>(p.dq_ptr) + bidb * p.dq_batch_stride +
-                  row * p.dq_row_stride + bidh * p.dq_head_stride + c;
     dq[0] = Element(sum.x * p.softmax_scale);
     dq[1] = Element(sum.y * p.softmax_scale);
     dq[2] = Element(sum.z * p.softmax_scale);
@@ -98,12 +116,12 @@ __global__ void convert_dq_kernel(const AttnBwdParams p) {
 // acc_*: MMA fragments, *_rc: their (rows, cols) views; tScS, tScS_rc: the
 // tile-local coordinates in both shapes.
 template <bool kHasDropout, typename TR, typename TA, typename TC, typename TCrc, typename MaskT,
-          int kRows>
+          int kRows, typename SegRows>
 __device__ __forceinline__ void scores_with_mods(
     TR& scores, TR& dp, TA& acc_s, TA& acc_dp, TC const& tScS, TCrc const& tScS_rc, int m_block,
     int n_block, MaskT const& mask, ScoreMods const& mods, Dropout const& dropout,
     const float (&lse_log2)[kRows], const float (&d_row)[kRows], float scale_log2,
-    float dropout_rescale) {
+    float dropout_rescale, const SegRows* seg_rows) {
   constexpr int kBlockM = MaskT::kBlockM, kBlockN = MaskT::kBlockN;
   const int row0 = m_block * kBlockM, col0 = n_block * kBlockN;
   // Which entries survive dropout, one bit per fragment entry; dp of the
@@ -132,8 +150,11 @@ __device__ __forceinline__ void scores_with_mods(
       for (int c = 0; c < size<1>(scores); ++c) dp(r, c) -= d_row[r];
     }
   }
-  if (mods.alibi_slope != 0.f) mods.alibi(scores, tScS_rc, row0, col0);
+  if (mods.alibi_slope != 0.f) {
+    mods.alibi(scores, tScS_rc, row0, col0, seg_rows != nullptr ? seg_rows->shift : nullptr);
+  }
   if (mask.tile_needs_mask(m_block, n_block)) mask.apply(scores, tScS_rc, m_block, n_block);
+  if (seg_rows != nullptr) seg_rows->template apply<kBlockN>(scores, tScS_rc, col0, mask.seqlen_k);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     CUTE_UNROLL
@@ -175,9 +196,9 @@ __device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
 #endif
 }
 
-// kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h), each
-// switched on at run time.
-template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
+// kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h),
+// kHasSegs: segment ids (segments.h), each switched on at run time.
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
 __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
                               const int bidh_k, const int split) {
   using Element = typename Traits::Element;
@@ -194,8 +215,20 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
   const int keys_left = info.seqlen_k - n_block * kBlockN;
   const Mask<kBlockM, kBlockN, kIsLocal> mask(info.seqlen_q, info.seqlen_k, p.window_left,
                                               p.window_right);
-  const int m_block_min = mask.m_block_min(n_block);
-  const int m_block_max = mask.m_block_max(n_block);
+  int m_block_min = mask.m_block_min(n_block);
+  int m_block_max = mask.m_block_max(n_block);
+  const bool segs = kHasSegs && p.seg_q != nullptr;
+  if (segs) {
+    // Only the Q tiles holding a row that sees one of this tile's keys.
+    const SegmentRange range = segment_row_range<Traits::kNThreads>(
+        p, bidb, n_block * kBlockN, min(keys_left, kBlockN));
+    if (range.lo > range.hi) {
+      m_block_max = m_block_min;
+    } else {
+      m_block_min = max(m_block_min, range.lo / kBlockM);
+      m_block_max = min(m_block_max, range.hi / kBlockM + 1);
+    }
+  }
 
   // ---- Global tiles ------------------------------------------------------------
   // A 64-bit tile base plus 32-bit offsets inside the tile (the handler bounds
@@ -229,9 +262,12 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
 
   // dQ accumulator tile m of query head h: static strides, so every atomic
   // address is the thread's base plus an immediate.
+  const bool varlen_q = p.cu_seqlens_q != nullptr;
   float* const dq_accum_split =
-      p.dq_accum_ptr + (int64_t(bidb) * p.dq_accum_splits + split) * p.nheads *
-                           int64_t(p.seqlen_q_rounded) * kHeadDim;
+      p.dq_accum_ptr +
+      (int64_t(varlen_q ? 0 : bidb) * p.dq_accum_splits + split) * p.nheads *
+          int64_t(p.seqlen_q_rounded) * kHeadDim +
+      info.template dq_accum_row<kBlockM>(bidb) * kHeadDim;
   auto dq_accum_tile = [&](int h, int m) {
     return make_tensor(
         make_gmem_ptr(dq_accum_split + (int64_t(h) * p.seqlen_q_rounded + m * kBlockM) * kHeadDim),
@@ -365,8 +401,7 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
     // stall: ncu "long scoreboard", notes/kernel_experiments.md). Rows past
     // seqlen_q read LSE = +inf, so their P (and dS) are 0 and they add nothing
     // to dK, dV.
-    const int64_t row_stat0 =
-        (int64_t(bidb) * p.nheads + h) * p.seqlen_q + int64_t(m_block) * kBlockM;
+    const int64_t row_stat0 = info.stats_offset(p, bidb, h) + int64_t(m_block) * kBlockM;
     float lse_log2[kRowsS], d_row[kRowsS];
     CUTE_UNROLL
     for (int r = 0; r < kRowsS; ++r) {
@@ -379,6 +414,11 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
 
     // Softcap/ALiBi/dropout of this step's query head.
     const ScoreMods mods(p, bidb, h, info.seqlen_q, info.seqlen_k);
+    // This step's rows' segment intervals (same for every head).
+    SegmentRows<kHasSegs ? kRowsS : 1> seg_rows;
+    if constexpr (kHasSegs) {
+      if (segs) seg_rows.load(p, bidb, m_block * kBlockM, rows_left, tScS_rc);
+    }
     const Dropout dropout(p, bidb, h);
 
     // S = Q K^T, dP = dO V^T
@@ -398,9 +438,13 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));    // (rows, cols)
     if constexpr (kHasMods) {
       scores_with_mods<kHasDropout>(scores, dp, acc_s, acc_dp, tScS, tScS_rc, m_block, n_block, mask, mods,
-                       dropout, lse_log2, d_row, scale_log2, p.dropout_rescale);
+                       dropout, lse_log2, d_row, scale_log2, p.dropout_rescale,
+                       kHasSegs && segs ? &seg_rows : nullptr);
     } else {
       if (mask.tile_needs_mask(m_block, n_block)) mask.apply(scores, tScS_rc, m_block, n_block);
+      if constexpr (kHasSegs) {
+        if (segs) seg_rows.template apply<kBlockN>(scores, tScS_rc, n_block * kBlockN, info.seqlen_k);
+      }
       CUTE_UNROLL
       for (int r = 0; r < kRowsS; ++r) {
         CUTE_UNROLL
@@ -483,13 +527,14 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
 }
 
 // Grid: (K/V tiles, or accumulator splits when deterministic; nheads_k; batch).
-template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attn_bwd_kernel(const __grid_constant__ AttnBwdParams params) {
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   const int split = params.deterministic ? blockIdx.x : 0;
   for (int n_block = blockIdx.x; n_block < num_n_blocks; n_block += gridDim.x) {
-    attn_bwd_tile<Traits, kIsLocal, kHasMods, kHasDropout>(params, n_block, blockIdx.z, blockIdx.y, split);
+    attn_bwd_tile<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, n_block, blockIdx.z,
+                                                                     blockIdx.y, split);
     __syncthreads();  // the next tile reuses the shared memory
   }
 }

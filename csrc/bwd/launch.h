@@ -15,13 +15,17 @@
 
 namespace jax_flash::bwd {
 
-template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout>
+template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout,
+          bool kHasSegs>
 cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<Element, kHeadDim>::Traits;
   static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ accumulator");
-  const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
-  const size_t dq_accum_bytes = size_t(params.batch) * params.dq_accum_splits * params.nheads *
-                                params.seqlen_q_rounded * kHeadDim * sizeof(float);
+  // Rows of lse's layout: (batch, nheads, seqlen_q), or (nheads, total_q).
+  const bool varlen = params.cu_seqlens_q != nullptr;
+  const int64_t rows = int64_t(varlen ? 1 : params.batch) * params.nheads *
+                       (varlen ? params.total_q : params.seqlen_q);
+  const size_t dq_accum_bytes = size_t(varlen ? 1 : params.batch) * params.dq_accum_splits *
+                                params.nheads * params.seqlen_q_rounded * kHeadDim * sizeof(float);
   cudaError_t err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_bytes, stream);
   if (err != cudaSuccess) return err;
 
@@ -34,7 +38,7 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   const int grid_x = params.deterministic ? params.dq_accum_splits : num_n_blocks;
   const dim3 grid(grid_x, params.nheads_k, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &attn_bwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout>;
+  auto kernel = &attn_bwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>;
   // Opt in to > 48 KB of shared memory once per device (see fwd/launch.h).
   constexpr int kMaxDevices = 64;
   static bool opted_in[kMaxDevices] = {};
@@ -50,7 +54,7 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
 
   const int64_t dq_chunks = rows * (params.head_dim / 4);
   const int convert_blocks = int(std::min<int64_t>((dq_chunks + 255) / 256, 65536));
-  convert_dq_kernel<Element, kHeadDim><<<convert_blocks, 256, 0, stream>>>(params);
+  convert_dq_kernel<Element, kHeadDim, kBwdBlockM><<<convert_blocks, 256, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

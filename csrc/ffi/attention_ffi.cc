@@ -15,6 +15,7 @@
 #include "../dropout_mask.h"
 #include "../fwd/api.h"
 #include "../params.h"
+#include "../varlen.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash {
@@ -165,9 +166,100 @@ struct ScoreOptions {
   const ffi::Buffer<ffi::U32>* rng;    // (batch..., 4) or empty
 };
 
+// How rows are laid out beyond (batch, seqlen): varlen prefix sums, or
+// segment-id tables (params.h). Every operand is empty when off.
+struct RowLayout {
+  const ffi::Buffer<ffi::S32>* cu_seqlens_q;  // (batch + 1,)
+  const ffi::Buffer<ffi::S32>* cu_seqlens_k;  // (batch + 1,)
+  const ffi::Buffer<ffi::S32>* seg_q;         // (batch..., seqlen_q, 4)
+  const ffi::Buffer<ffi::S32>* seg_k;         // (batch..., seqlen_k, 4)
+  int32_t max_seqlen_q, max_seqlen_k;         // varlen only
+};
+
+// Switches p to the varlen layout (q, k, v as single (1, total, heads, d)
+// views; sequences from the prefix sums) or installs the segment tables.
+// Runs after SetQkv and before SetScoreOptions, which checks per-sequence
+// operands against p->batch.
+ffi::Error SetRowLayout(const RowLayout& l, AttnParams* p) {
+  const size_t cu_q = l.cu_seqlens_q->element_count(), cu_k = l.cu_seqlens_k->element_count();
+  const size_t seg_q = l.seg_q->element_count(), seg_k = l.seg_k->element_count();
+  if (cu_q != cu_k) {
+    return ffi::Error::InvalidArgument(
+        "cu_seqlens_q and cu_seqlens_k must have the same shape (batch + 1,), got " +
+        ShapeString(l.cu_seqlens_q->dimensions()) + " and " +
+        ShapeString(l.cu_seqlens_k->dimensions()));
+  }
+  if (cu_q != 0) {
+    if (p->batch != 1 || seg_q != 0 || seg_k != 0) {
+      return ffi::Error::InvalidArgument(
+          "varlen q/k/v must be single (total, nheads, head_dim) buffers without segment ids");
+    }
+    if (l.max_seqlen_q < 0 || l.max_seqlen_k < 0 || cu_q - 1 > 65535) {
+      return ffi::Error::InvalidArgument(
+          "varlen needs max_seqlen_q, max_seqlen_k >= 0 and at most 65535 sequences, got " +
+          std::to_string(l.max_seqlen_q) + ", " + std::to_string(l.max_seqlen_k) + " and " +
+          std::to_string(cu_q - 1));
+    }
+    p->total_q = p->seqlen_q;
+    p->total_k = p->seqlen_k;
+    p->batch = static_cast<int>(cu_q - 1);
+    p->seqlen_q = l.max_seqlen_q;
+    p->seqlen_k = l.max_seqlen_k;
+    p->cu_seqlens_q = l.cu_seqlens_q->typed_data();
+    p->cu_seqlens_k = l.cu_seqlens_k->typed_data();
+    return ffi::Error::Success();
+  }
+  if ((seg_q != 0) != (seg_k != 0) ||
+      (seg_q != 0 && (seg_q != size_t(p->batch) * p->seqlen_q * 4 ||
+                      seg_k != size_t(p->batch) * p->seqlen_k * 4))) {
+    return ffi::Error::InvalidArgument(
+        "seg_q and seg_k must have shapes (batch..., seqlen_q, 4) and (batch..., seqlen_k, 4) "
+        "= " + std::to_string(p->batch) + " x " + std::to_string(p->seqlen_q) + " x 4 and " +
+        std::to_string(p->batch) + " x " + std::to_string(p->seqlen_k) +
+        " x 4 entries, or both be empty; got " + ShapeString(l.seg_q->dimensions()) + " and " +
+        ShapeString(l.seg_k->dimensions()));
+  }
+  if (seg_q != 0) {
+    p->seg_q = reinterpret_cast<const int4*>(l.seg_q->typed_data());
+    p->seg_k = reinterpret_cast<const int4*>(l.seg_k->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+// Rows of lse's layout: (batch..., nheads, seqlen_q), or (nheads, total_q).
+size_t StatRows(const AttnParams& p) {
+  return p.cu_seqlens_q != nullptr ? size_t(p.nheads) * p.total_q
+                                   : size_t(p.batch) * p.nheads * p.seqlen_q;
+}
+
+// Varlen: rows no sequence covers get 0 (and LSE +inf), see varlen.h. `b`
+// is a second buffer with a's rows (dv next to dk), or nullptr.
+cudaError_t ZeroUncoveredRows(const int* cu_seqlens, const AttnParams& p, int max_len, int total,
+                              const View& a, const View* b, float* lse, cudaStream_t stream) {
+  if (cu_seqlens == nullptr) return cudaSuccess;
+  UncoveredRows u;
+  u.cu_seqlens = cu_seqlens;
+  u.batch = p.batch;
+  u.max_len = max_len;
+  u.total = total;
+  u.ptr[0] = static_cast<uint16_t*>(a.ptr);
+  u.row_stride[0] = a.row_stride;
+  u.ptr[1] = b != nullptr ? static_cast<uint16_t*>(b->ptr) : nullptr;
+  u.row_stride[1] = b != nullptr ? b->row_stride : 0;
+  u.row_elems = static_cast<int>(a.heads * a.head_dim);
+  u.lse = lse;
+  u.nheads = p.nheads;
+  return zero_uncovered_rows(u, stream);
+}
+
 // Validates the options against the sizes already in p and fills the
 // score-modifier fields (see params.h for the units).
 ffi::Error SetScoreOptions(const ScoreOptions& o, AttnParams* p) {
+  if (p->seg_q != nullptr && (o.window_left != -1 || o.window_right != -1)) {
+    return ffi::Error::InvalidArgument(
+        "with segment ids the window is part of the segment tables: window_left and "
+        "window_right must be -1");
+  }
   if (!(o.softcap >= 0.f)) {
     return ffi::Error::InvalidArgument("softcap must be >= 0, got " + std::to_string(o.softcap));
   }
@@ -238,33 +330,44 @@ ffi::Error ReadQkv(Packing packing, const ffi::AnyBuffer& a, const ffi::AnyBuffe
 
 ffi::Error RunFwd(cudaStream_t stream, const View& q, const View& k, const View& v,
                   const ffi::AnyBuffer& out, ffi::Buffer<ffi::F32>& lse,
-                  const ScoreOptions& opt) {
+                  const ScoreOptions& opt, const RowLayout& layout) {
   AttnParams p;
   if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
+  if (auto e = SetRowLayout(layout, &p); e.failure()) return e;
   if (auto e = SetScoreOptions(opt, &p); e.failure()) return e;
   View o;
   if (auto e = ReadView("out", out, 0, 0, &o); e.failure()) return e;
   if (auto e = SameView("out", o, "q", q); e.failure()) return e;
-  if (lse.element_count() != size_t(p.batch) * p.nheads * p.seqlen_q) {
-    return ffi::Error::InvalidArgument("lse must have shape (batch..., nheads, seqlen_q)");
+  if (lse.element_count() != StatRows(p)) {
+    return ffi::Error::InvalidArgument(
+        "lse must have shape (batch..., nheads, seqlen_q), or (nheads, total_q) for varlen");
   }
-  if (p.batch == 0 || p.seqlen_q == 0 || p.nheads == 0) return ffi::Error::Success();
-  SetOperand(o, &p.o_ptr, &p.o_batch_stride, &p.o_row_stride,
-             &p.o_head_stride);
+  SetOperand(o, &p.o_ptr, &p.o_batch_stride, &p.o_row_stride, &p.o_head_stride);
   p.lse_ptr = lse.typed_data();
-  const cudaError_t err = fwd::run_fwd(KernelDtype(q.dtype), p, stream);
+  cudaError_t err = cudaSuccess;
+  if (p.batch != 0 && p.seqlen_q != 0 && p.nheads != 0) {
+    err = fwd::run_fwd(KernelDtype(q.dtype), p, stream);
+  }
+  if (err == cudaSuccess) {
+    err = ZeroUncoveredRows(p.cu_seqlens_q, p, p.seqlen_q, p.total_q, o, nullptr, p.lse_ptr,
+                            stream);
+  }
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("forward", err);
 }
 
-// The attributes and optional operands of ScoreOptions, as handler arguments.
-#define JAX_FLASH_SCORE_ARGS                                                              \
-  ffi::Buffer<ffi::F32> alibi, ffi::Buffer<ffi::U32> rng, float softmax_scale,            \
-      int32_t window_left, int32_t window_right, float softcap, float dropout_p,          \
-      int32_t dropout_threshold
+// The attributes and optional operands of ScoreOptions and RowLayout, as
+// handler arguments (ScoreArgs below binds them in this order).
+#define JAX_FLASH_SCORE_ARGS                                                                  \
+  ffi::Buffer<ffi::F32> alibi, ffi::Buffer<ffi::U32> rng, ffi::Buffer<ffi::S32> cu_seqlens_q, \
+      ffi::Buffer<ffi::S32> cu_seqlens_k, ffi::Buffer<ffi::S32> seg_q,                        \
+      ffi::Buffer<ffi::S32> seg_k, float softmax_scale, int32_t window_left,                  \
+      int32_t window_right, float softcap, float dropout_p, int32_t dropout_threshold,        \
+      int32_t max_seqlen_q, int32_t max_seqlen_k
 #define JAX_FLASH_SCORE_OPTIONS                                                            \
-  ScoreOptions {                                                                           \
-    softmax_scale, window_left, window_right, softcap, dropout_p, dropout_threshold, &alibi, \
-        &rng                                                                               \
+  ScoreOptions{softmax_scale, window_left, window_right, softcap, dropout_p,              \
+               dropout_threshold, &alibi, &rng},                                           \
+      RowLayout {                                                                          \
+    &cu_seqlens_q, &cu_seqlens_k, &seg_q, &seg_k, max_seqlen_q, max_seqlen_k               \
   }
 
 ffi::Error AttnFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -300,9 +403,10 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
                   const ffi::AnyBuffer& d_out, const View& dq, const View& dk, const View& dv,
                   std::initializer_list<const ffi::AnyBuffer*> grads,
                   ffi::Buffer<ffi::F32>& dq_accum, ffi::Buffer<ffi::F32>& softmax_d,
-                  const ScoreOptions& opt, bool deterministic) {
+                  const ScoreOptions& opt, const RowLayout& layout, bool deterministic) {
   AttnBwdParams p;
   if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
+  if (auto e = SetRowLayout(layout, &p); e.failure()) return e;
   if (auto e = SetScoreOptions(opt, &p); e.failure()) return e;
   View o, d_o;
   if (auto e = ReadView("out", out, 0, 0, &o); e.failure()) return e;
@@ -312,16 +416,25 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
   if (auto e = SameView("dq", dq, "q", q); e.failure()) return e;
   if (auto e = SameView("dk", dk, "k", k); e.failure()) return e;
   if (auto e = SameView("dv", dv, "v", v); e.failure()) return e;
-  const size_t rows = size_t(p.batch) * p.nheads * p.seqlen_q;
+  const size_t rows = StatRows(p);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  // Varlen: room for every sequence to start on a tile boundary (params.h).
+  const int64_t accum_rows = varlen ? int64_t(p.total_q) + int64_t(p.batch) * bwd::kBwdBlockM
+                                    : p.seqlen_q;
   const int64_t seqlen_q_rounded =
-      (p.seqlen_q + bwd::kBwdBlockM - 1) / bwd::kBwdBlockM * bwd::kBwdBlockM;
+      (accum_rows + bwd::kBwdBlockM - 1) / bwd::kBwdBlockM * bwd::kBwdBlockM;
   if (lse.element_count() != rows || softmax_d.element_count() != rows) {
     return ffi::Error::InvalidArgument(
-        "lse and softmax_d must have shape (batch..., nheads, seqlen_q)");
+        "lse and softmax_d must have shape (batch..., nheads, seqlen_q), or (nheads, total_q) "
+        "for varlen");
   }
-  // dq_accum: (batch..., splits, nheads, seqlen_q_rounded, kernel head dim).
-  const size_t split_elems =
-      size_t(p.batch) * p.nheads * seqlen_q_rounded * fwd::kernel_head_dim(p.head_dim);
+  if (seqlen_q_rounded > INT32_MAX) {
+    return ffi::Error::InvalidArgument("too many query rows for the dq accumulator");
+  }
+  // dq_accum: (batch..., splits, nheads, seqlen_q_rounded, kernel head dim);
+  // varlen: (splits, nheads, seqlen_q_rounded, kernel head dim).
+  const size_t split_elems = size_t(varlen ? 1 : p.batch) * p.nheads * seqlen_q_rounded *
+                             fwd::kernel_head_dim(p.head_dim);
   const size_t splits = split_elems ? dq_accum.element_count() / split_elems : 1;
   if (split_elems && (splits < 1 || splits * split_elems != dq_accum.element_count() ||
                       (!deterministic && splits != 1) || splits > 65535)) {
@@ -355,7 +468,11 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
   p.dq_accum_splits = static_cast<int>(splits);
   p.seqlen_q_rounded = static_cast<int>(seqlen_q_rounded);
   p.deterministic = deterministic;
-  const cudaError_t err = bwd::run_bwd(KernelDtype(q.dtype), p, stream);
+  cudaError_t err = bwd::run_bwd(KernelDtype(q.dtype), p, stream);
+  if (err == cudaSuccess) {
+    // dq's uncovered rows are zeroed by the convert kernel.
+    err = ZeroUncoveredRows(p.cu_seqlens_k, p, p.seqlen_k, p.total_k, dk, &dv, nullptr, stream);
+  }
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("backward", err);
 }
 
@@ -443,12 +560,18 @@ auto ScoreArgs(Binding&& binding) {
   return std::move(binding)
       .template Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes (batch..., nheads) or empty
       .template Arg<ffi::Buffer<ffi::U32>>()  // rng (batch..., 4) or empty
+      .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_q (batch + 1,) or empty
+      .template Arg<ffi::Buffer<ffi::S32>>()  // cu_seqlens_k (batch + 1,) or empty
+      .template Arg<ffi::Buffer<ffi::S32>>()  // seg_q (batch..., seqlen_q, 4) or empty
+      .template Arg<ffi::Buffer<ffi::S32>>()  // seg_k (batch..., seqlen_k, 4) or empty
       .template Attr<float>("softmax_scale")
       .template Attr<int32_t>("window_left")   // -1: unbounded
       .template Attr<int32_t>("window_right")  // -1: unbounded; causal: 0
       .template Attr<float>("softcap")
       .template Attr<float>("dropout_p")
-      .template Attr<int32_t>("dropout_threshold");
+      .template Attr<int32_t>("dropout_threshold")
+      .template Attr<int32_t>("max_seqlen_q")   // varlen only
+      .template Attr<int32_t>("max_seqlen_k");  // varlen only
 }
 
 // Forward: returns out (q's logical shape) and lse (batch..., nheads, seqlen_q).

@@ -16,7 +16,8 @@ enum class Dtype { kFloat16, kBFloat16 };
 
 // Declared for every combination; only the compiled ones are defined and only
 // those are dispatched to (see compiled_head_dims()).
-template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout>
+template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout,
+          bool kHasSegs>
 cudaError_t launch_fwd(const AttnParams& params, cudaStream_t stream);
 
 // Smallest compiled head dim >= head_dim, or -1.

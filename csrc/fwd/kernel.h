@@ -21,6 +21,7 @@
 #include "../mask.h"
 #include "../params.h"
 #include "../score_mods.h"
+#include "../segments.h"
 #include "kernel_traits.h"
 #include "softmax.h"
 
@@ -40,10 +41,10 @@ __device__ void write_empty_rows(const AttnParams& p, GO& gO, float* lse, int ro
   for (int i = threadIdx.x; i < rows; i += Traits::kNThreads) lse[i] = INFINITY;
 }
 
-// kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h), each
-// switched on at run time; the kernels without them carry none of their
-// registers.
-template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
+// kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h),
+// kHasSegs: segment ids (segments.h), each switched on at run time; the
+// kernels without them carry none of their registers.
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
 __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int bidb,
                               const int bidh) {
   using Element = typename Traits::Element;
@@ -59,8 +60,31 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
   const int rows_left = info.seqlen_q - m_block * kBlockM;
   const Mask<kBlockM, kBlockN, kIsLocal> mask(info.seqlen_q, info.seqlen_k, p.window_left,
                                               p.window_right);
-  const int n_block_min = mask.n_block_min(m_block);
-  const int n_block_max = mask.n_block_max(m_block);
+  int n_block_min = mask.n_block_min(m_block);
+  int n_block_max = mask.n_block_max(m_block);
+  const bool segs = kHasSegs && p.seg_q != nullptr;
+  // Segment ids: only the K/V tiles the rows' intervals reach; of those, the
+  // ones inside every row's interval (when the intervals decide alone) run
+  // unmasked.
+  int seg_full_lo = 0, seg_full_hi = -1;  // keys every row of the tile sees
+  if (segs) {
+    const SegmentRange range = segment_key_range<Traits::kNThreads>(
+        p, bidb, m_block * kBlockM, min(rows_left, kBlockM));
+    if (range.lo > range.hi) {
+      n_block_max = n_block_min;
+    } else {
+      n_block_min = max(n_block_min, range.lo / kBlockN);
+      n_block_max = min(n_block_max, range.hi / kBlockN + 1);
+    }
+    if (info.seqlen_k > 0 && p.seg_k[int64_t(bidb) * p.seqlen_k].w != 0) {
+      seg_full_lo = range.max_lo;
+      seg_full_hi = range.min_hi;
+    }
+  }
+  auto needs_mask = [&](int n) {
+    return mask.tile_needs_mask(m_block, n) ||
+           (kHasSegs && segs && (n * kBlockN < seg_full_lo || n * kBlockN + kBlockN - 1 > seg_full_hi));
+  };
   const ScoreMods mods(p, bidb, bidh, info.seqlen_q, info.seqlen_k);
   const Dropout dropout(p, bidb, bidh);
 
@@ -89,7 +113,7 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
                        make_layout(TileKV{}, make_stride(int(row_stride), _1{})));  // (N, D)
   };
   Tensor gO = local_tile(mO, TileQ{}, make_coord(m_block, 0));   // (M, D)
-  float* gLSE = p.lse_ptr + (int64_t(bidb) * p.nheads + bidh) * p.seqlen_q + m_block * kBlockM;
+  float* gLSE = p.lse_ptr + info.stats_offset(p, bidb, bidh) + m_block * kBlockM;
 
   if (n_block_max <= n_block_min) {
     write_empty_rows<Traits>(p, gO, gLSE, rows_left);
@@ -142,6 +166,11 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
   // (row, col) of every S accumulator entry, tile-local, for masking.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
+  constexpr int kRowsS = decltype(size<0>(tScS_rc))::value;
+  SegmentRows<kHasSegs ? kRowsS : 1> seg_rows;
+  if constexpr (kHasSegs) {
+    if (segs) seg_rows.load(p, bidb, m_block * kBlockM, rows_left, tScS_rc);
+  }
 
   // ---- Prologue: Q and the last K tile in flight ------------------------------
   int n_block = n_block_max - 1;
@@ -180,8 +209,16 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_q,
             smem_thr_k);
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, N cols)
-    if constexpr (kHasMods) mods.apply(scores, tScS_rc, m_block * kBlockM, n_block * kBlockN);
-    if constexpr (kMasked) mask.apply(scores, tScS_rc, m_block, n_block);
+    if constexpr (kHasMods) {
+      mods.apply(scores, tScS_rc, m_block * kBlockM, n_block * kBlockN,
+                 kHasSegs && segs ? seg_rows.shift : nullptr);
+    }
+    if constexpr (kMasked) {
+      mask.apply(scores, tScS_rc, m_block, n_block);
+      if constexpr (kHasSegs) {
+        if (segs) seg_rows.template apply<kBlockN>(scores, tScS_rc, n_block * kBlockN, info.seqlen_k);
+      }
+    }
 
     cp_async_wait<0>();
     __syncthreads();  // V_j landed; every thread is done reading K_j
@@ -207,13 +244,14 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
   };
 
   // Tiles needing a mask sit at the two ends of [n_block_min, n_block_max):
-  // the right edge (seqlen_k, causal diagonal) and the left window edge.
+  // the right edge (seqlen_k, causal diagonal) and the left window edge (or
+  // the segment's first key).
   step(true_type{}, true_type{});
-  for (--n_block; n_block >= n_block_min && mask.tile_needs_mask(m_block, n_block); --n_block) {
+  for (--n_block; n_block >= n_block_min && needs_mask(n_block); --n_block) {
     step(false_type{}, true_type{});
   }
   CUTE_NO_UNROLL
-  for (; n_block >= n_block_min && !mask.tile_needs_mask(m_block, n_block); --n_block) {
+  for (; n_block >= n_block_min && !needs_mask(n_block); --n_block) {
     step(false_type{}, false_type{});
   }
   for (; n_block >= n_block_min; --n_block) step(false_type{}, true_type{});
@@ -262,11 +300,12 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
 
 // Grid: (Q tiles, nheads, batch). Local/causal grids run the Q tiles with the
 // most K/V work first, which evens out the tail of the launch.
-template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout>
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
 __global__ void __launch_bounds__(Traits::kNThreads)
     attn_fwd_kernel(const __grid_constant__ AttnParams params) {
-  const int m_block = kIsLocal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  attn_fwd_tile<Traits, kIsLocal, kHasMods, kHasDropout>(params, m_block, blockIdx.z, blockIdx.y);
+  const int m_block = kIsLocal || kHasSegs ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  attn_fwd_tile<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, m_block, blockIdx.z,
+                                                                   blockIdx.y);
 }
 
 }  // namespace jax_flash::fwd

@@ -11,13 +11,14 @@
 
 namespace jax_flash::fwd {
 
-template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout>
+template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout,
+          bool kHasSegs>
 cudaError_t launch_fwd(const AttnParams& params, cudaStream_t stream) {
   using Traits = typename FwdConfig<Element, kHeadDim>::Traits;
   const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const dim3 grid(num_m_blocks, params.nheads, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &attn_fwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout>;
+  auto kernel = &attn_fwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>;
   if constexpr (kSmem >= 48 * 1024) {
     // Beyond 48 KB a kernel must opt in to dynamic shared memory, once per
     // device: setting a function attribute on every launch would put a driver

@@ -2,5 +2,6 @@
 #include "../bwd/launch.h"
 
 namespace jax_flash::bwd {
-template cudaError_t launch_bwd<cutlass::bfloat16_t, 192, false, false, false>(const AttnBwdParams&, cudaStream_t);
+template cudaError_t launch_bwd<cutlass::bfloat16_t, 192, false, false, false, false>(
+    const AttnBwdParams&, cudaStream_t);
 }  // namespace jax_flash::bwd

@@ -2,5 +2,6 @@
 #include "../bwd/launch.h"
 
 namespace jax_flash::bwd {
-template cudaError_t launch_bwd<cutlass::half_t, 192, true, false, false>(const AttnBwdParams&, cudaStream_t);
+template cudaError_t launch_bwd<cutlass::half_t, 192, true, false, false, false>(
+    const AttnBwdParams&, cudaStream_t);
 }  // namespace jax_flash::bwd

@@ -2,5 +2,6 @@
 #include "../fwd/launch.h"
 
 namespace jax_flash::fwd {
-template cudaError_t launch_fwd<cutlass::half_t, 192, true, false, false>(const AttnParams&, cudaStream_t);
+template cudaError_t launch_fwd<cutlass::half_t, 192, true, false, false, false>(
+    const AttnParams&, cudaStream_t);
 }  // namespace jax_flash::fwd

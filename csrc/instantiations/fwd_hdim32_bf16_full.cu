@@ -2,5 +2,6 @@
 #include "../fwd/launch.h"
 
 namespace jax_flash::fwd {
-template cudaError_t launch_fwd<cutlass::bfloat16_t, 32, false, false, false>(const AttnParams&, cudaStream_t);
+template cudaError_t launch_fwd<cutlass::bfloat16_t, 32, false, false, false, false>(
+    const AttnParams&, cudaStream_t);
 }  // namespace jax_flash::fwd
