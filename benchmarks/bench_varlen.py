@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import gpu_name, short_error, time_jax  # noqa: E402,I001
+from bench_attention import gpu_name, jax_benchmark_fn, short_error, time_jax  # noqa: E402,I001
 
 IMPLS = ("jax_flash_varlen", "jax_flash_segments", "cudnn_padded", "xla_mask")
 
@@ -95,17 +95,6 @@ def make_case(impl, lens, nheads, headdim, seed):
     return fn, sets
 
 
-def benchmark_fn(attn, mode):
-    if mode == "fwd":
-        return jax.jit(lambda q, k, v, do: attn(q, k, v))
-
-    def fwd_bwd(q, k, v, do):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return out, vjp(do)
-
-    return jax.jit(fwd_bwd)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--modes", default="fwd,fwd_bwd")
@@ -134,7 +123,7 @@ def main():
             row = dict(mode=mode, impl=impl, ms=None)
             try:
                 fn, sets = make_case(impl, lens, a.nheads, a.headdim, a.seed)
-                row["ms"] = time_jax(benchmark_fn(fn, mode), sets, a.repeats) * 1e3
+                row["ms"] = time_jax(jax_benchmark_fn(fn, mode), sets, a.repeats) * 1e3
                 row["tokens_per_s"] = a.tokens / (row["ms"] * 1e-3)
                 flops = useful * (3.5 if mode == "fwd_bwd" else 1.0)
                 row["useful_tflops"] = flops / (row["ms"] * 1e-3) / 1e12

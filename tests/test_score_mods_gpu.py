@@ -15,7 +15,8 @@ import pytest
 import jax_flash
 from jax_flash import reference
 
-from gpu_grid import DTYPES, HEAD_DIMS, HEADS, SEQLENS, requires_gpu, skip_if_not_compiled
+from gpu_grid import (DTYPES, HEAD_DIMS, HEADS, SEQLENS, check_fa_rule, requires_gpu,
+                      skip_if_not_compiled)
 
 pytestmark = requires_gpu
 
@@ -81,17 +82,6 @@ def _run(q, k, v, d_out, slopes, keep, kw):
     return results
 
 
-def _check(results, atol):
-    (out, grads), (out32, grads32), (out_lo, grads_lo) = results
-    pairs = [("out", out, out32, out_lo, 2.0)]
-    pairs += [(n, g, r, lo, 3.0) for n, g, r, lo in zip(("dq", "dk", "dv"), grads, grads32, grads_lo)]
-    for name, x, r, lo, factor in pairs:
-        x, r, lo = (np.asarray(a, np.float32) for a in (x, r, lo))
-        assert np.isfinite(x).all(), f"{name} has NaN/inf"
-        err, low_err = np.abs(x - r).max(), np.abs(lo - r).max()
-        assert err <= factor * low_err + atol, (name, err, low_err)
-
-
 @pytest.mark.parametrize("case", _sample_grid(160), ids=_case_id)
 def test_modifiers_match_reference(case):
     dtype, head_dim, (sq, sk), heads, causal, window, softcap, alibi = case
@@ -99,7 +89,7 @@ def test_modifiers_match_reference(case):
     seed = zlib.crc32(_case_id(case).encode())
     q, k, v, d_out, slopes = _inputs(seed, 2, sq, sk, HEADS[heads], head_dim, dtype)
     kw = (("causal", causal), ("window_size", window), ("softcap", softcap), ("alibi", alibi))
-    _check(_run(q, k, v, d_out, slopes, None, kw), atol=1e-4 if alibi else 1e-5)
+    check_fa_rule(_run(q, k, v, d_out, slopes, None, kw), atol=1e-4 if alibi else 1e-5)
 
 
 @pytest.mark.parametrize("softcap,alibi", [(0.0, False), (30.0, False), (0.0, True), (5.0, True)])
@@ -110,7 +100,7 @@ def test_empty_rows(window, seqlens, softcap, alibi):
     q, k, v, d_out, slopes = _inputs(11, 2, *seqlens, HEADS["gqa"], 64, jnp.bfloat16)
     kw = (("causal", False), ("window_size", window), ("softcap", softcap), ("alibi", alibi))
     results = _run(q, k, v, d_out, slopes, None, kw)
-    _check(results, atol=1e-4)
+    check_fa_rule(results, atol=1e-4)
     out, lse, _ = jax_flash.flash_attn_func(q, k, v, window_size=window, softcap=softcap,
                                             alibi_slopes=slopes if alibi else None,
                                             return_attn_probs=True)
@@ -160,7 +150,7 @@ def test_dropout_matches_reference_fed_the_kernels_mask(case):
     assert abs(frac - p) < 0.01 or expected.size < 20000, (frac, p)
     kw = (("causal", causal), ("softcap", softcap), ("alibi", alibi), ("dropout_p", p),
           ("key_seed", sq + sk))
-    _check(_run(q, k, v, d_out, slopes, jnp.asarray(expected), kw), atol=1e-4 if alibi else 1e-5)
+    check_fa_rule(_run(q, k, v, d_out, slopes, jnp.asarray(expected), kw), atol=1e-4 if alibi else 1e-5)
 
 
 def test_dropout_fraction_and_determinism():
