@@ -97,6 +97,7 @@ def test_modifiers_match_reference(case):
                                             ((-1, 0), (257, 64))])
 def test_empty_rows(window, seqlens, softcap, alibi):
     """Windows that leave rows with no key: output 0, LSE +inf, finite grads."""
+    skip_if_not_compiled(64)
     q, k, v, d_out, slopes = _inputs(11, 2, *seqlens, HEADS["gqa"], 64, jnp.bfloat16)
     kw = (("causal", False), ("window_size", window), ("softcap", softcap), ("alibi", alibi))
     results = _run(q, k, v, d_out, slopes, None, kw)
@@ -154,6 +155,7 @@ def test_dropout_matches_reference_fed_the_kernels_mask(case):
 
 
 def test_dropout_fraction_and_determinism():
+    skip_if_not_compiled(128)
     q, k, v, d_out, _ = _inputs(3, 4, 512, 512, HEADS["gqa"], 128, jnp.bfloat16)
     p = 0.3
     f = jax.jit(lambda q, k, v, key: jax_flash.flash_attn_func(
@@ -177,6 +179,7 @@ def test_dropout_fraction_and_determinism():
 
 
 def test_dropout_mean_over_64_keys_approaches_no_dropout():
+    skip_if_not_compiled(64)
     q, k, v, _, _ = _inputs(5, 1, 256, 256, HEADS["mha"], 64, jnp.bfloat16)
     clean = np.asarray(jax_flash.flash_attn_func(q, k, v), np.float32)
     f = jax.jit(jax.vmap(lambda key: jax_flash.flash_attn_func(q, k, v, dropout_p=0.2,

@@ -105,6 +105,7 @@ def test_varlen_matches_per_sequence_reference(case):
 
 def test_varlen_packed_variants_and_deterministic():
     lens = [100, 1, 0, 257, 64]
+    skip_if_not_compiled(64)
     q, k, v, d_out, cu, _, _ = _varlen_inputs(7, lens, lens, HEADS["mha"], 64, jnp.bfloat16)
     cu = jnp.asarray(cu)
     loss = lambda out: jnp.sum(out.astype(jnp.float32) * d_out)
@@ -136,6 +137,7 @@ def test_varlen_packed_variants_and_deterministic():
 ])
 def test_varlen_inconsistent_lengths_stay_in_bounds(cu, max_q, max_k):
     """The kernels clamp exactly as reference.varlen_rows documents."""
+    skip_if_not_compiled(64)
     q, k, v, d_out, _, _, _ = _varlen_inputs(3, [200], [200], HEADS["gqa"], 64, jnp.float16)
     cu = jnp.int32(cu)
     kernel = lambda q, k, v: jax_flash.flash_attn_varlen_func(q, k, v, cu, cu, max_q, max_k,
@@ -152,6 +154,7 @@ def test_varlen_inconsistent_lengths_stay_in_bounds(cu, max_q, max_k):
 
 def test_varlen_dropout_matches_reference_fed_the_kernels_mask():
     lens_q, lens_k = [33, 1, 130, 0, 77], [40, 9, 130, 5, 77]
+    skip_if_not_compiled(128)
     q, k, v, d_out, cu_q, cu_k, slopes = _varlen_inputs(9, lens_q, lens_k, HEADS["gqa"], 128,
                                                         jnp.bfloat16)
     p, key = 0.25, jax.random.key(3)
@@ -174,6 +177,7 @@ def test_varlen_dropout_matches_reference_fed_the_kernels_mask():
 
 def test_varlen_under_vmap_and_shard_map():
     lens = [31, 64, 5]
+    skip_if_not_compiled(64)
     q, k, v, _, cu, _, _ = _varlen_inputs(4, lens, lens, HEADS["mha"], 64, jnp.float16)
     cu = jnp.asarray(cu)
     one = lambda q, k, v, cu: jax_flash.flash_attn_varlen_func(q, k, v, cu, cu, 64, 64,
@@ -275,6 +279,7 @@ def test_segment_ids_match_reference(case):
 def test_segment_ids_agree_with_varlen():
     """One packed row with segment ids = the same documents through varlen."""
     lens = [300, 64, 1, 1000, 129, 555]
+    skip_if_not_compiled(128)
     q, k, v, d_out, cu, _, _ = _varlen_inputs(12, lens, lens, HEADS["gqa"], 128, jnp.bfloat16)
     seg = jnp.asarray(np.repeat(np.arange(len(lens)), lens).astype(np.int32)[None])
     loss = lambda o: jnp.sum(o.astype(jnp.float32) * d_out)
