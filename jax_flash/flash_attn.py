@@ -412,25 +412,32 @@ def _segment_tables(q_seg, kv_seg, left: int, right: int):
     """
     empty_lo = jnp.int32(2**30)
 
-    def occurrences(ids, queries):
-        """first/last index in ids of each query value, and whether present."""
+    def sorted_ids(ids):
         order = jnp.argsort(ids, stable=True).astype(jnp.int32)
-        ids_sorted = ids[order]
+        return order, ids[order]
+
+    def occurrences(sorted_, queries):
+        """first/last index of each query value in the sorted ids, and
+        whether it is present (last = -1 when not, as
+        reference.segment_positions)."""
+        order, ids_sorted = sorted_
         # "scan_unrolled": a fixed number of vector steps; the default scan is
         # a while loop, whose every trip costs a device-to-host sync on GPUs.
         lo = jnp.searchsorted(ids_sorted, queries, side="left", method="scan_unrolled")
         hi = jnp.searchsorted(ids_sorted, queries, side="right", method="scan_unrolled") - 1
         present = hi >= lo
-        n = ids.shape[0]
-        first = order[jnp.clip(lo, 0, max(n - 1, 0))] if n else jnp.zeros_like(queries)
-        last = order[jnp.clip(hi, 0, max(n - 1, 0))] if n else jnp.zeros_like(queries)
-        return present, first, last, ids_sorted
+        n = order.shape[0]
+        if n == 0:
+            return present, jnp.zeros_like(queries), jnp.full_like(queries, -1)
+        first = order[jnp.clip(lo, 0, n - 1)]
+        last = jnp.where(present, order[jnp.clip(hi, 0, n - 1)], -1)
+        return present, first, last
 
     def one(qs, ks):
         sq, sk = qs.shape[0], ks.shape[0]
-        k_has, k_first, k_last, ks_sorted = occurrences(ks, qs)
-        k_last = jnp.where(k_has, k_last, -1)  # as reference.segment_positions
-        _, _, q_last_own, _ = occurrences(qs, qs)
+        q_sorted, k_sorted = sorted_ids(qs), sorted_ids(ks)
+        k_has, k_first, k_last = occurrences(k_sorted, qs)
+        _, _, q_last_own = occurrences(q_sorted, qs)
         shift = k_last - q_last_own
         rows = jnp.arange(sq, dtype=jnp.int32)
         lo, hi = k_first, k_last
@@ -441,9 +448,8 @@ def _segment_tables(q_seg, kv_seg, left: int, right: int):
         lo = jnp.where(k_has, lo, empty_lo)
         hi = jnp.where(k_has, hi, -1)
 
-        q_has, q_first, q_last, _ = occurrences(qs, ks)
-        q_last = jnp.where(q_has, q_last, -1)
-        _, _, k_last_own, _ = occurrences(ks, ks)
+        q_has, q_first, q_last = occurrences(q_sorted, ks)
+        _, _, k_last_own = occurrences(k_sorted, ks)
         key_shift = k_last_own - q_last
         keys = jnp.arange(sk, dtype=jnp.int32)
         qlo, qhi = q_first, q_last
@@ -454,6 +460,7 @@ def _segment_tables(q_seg, kv_seg, left: int, right: int):
         qlo = jnp.where(q_has, qlo, empty_lo)
         qhi = jnp.where(q_has, qhi, -1)
 
+        ks_sorted = k_sorted[1]
         runs = jnp.sum(ks[1:] != ks[:-1])
         distinct = jnp.sum(ks_sorted[1:] != ks_sorted[:-1])
         exact = jnp.broadcast_to((runs == distinct).astype(jnp.int32), (sk,))
@@ -520,10 +527,11 @@ def _attn_probs(xs, lse, mods: _Mods, static: _Static, layout: _Layout):
             layout.cu_seqlens_q, static.max_seqlen_q, q.shape[1])
         index_k, valid_k, len_k = reference.varlen_rows(
             layout.cu_seqlens_k, static.max_seqlen_k, k.shape[1])
-        q_pad = jnp.where(valid_q[..., None, None], jnp.take(q[0], index_q, axis=0), 0)
-        k_pad = jnp.where(valid_k[..., None, None], jnp.take(k[0], index_k, axis=0), 0)
-        lse_pad = jnp.where(valid_q[:, None, :], jnp.take(lse[0], index_q, axis=1).swapaxes(0, 1),
-                            jnp.inf)
+        q_pad = reference.varlen_gather(q[0], index_q, valid_q)
+        k_pad = reference.varlen_gather(k[0], index_k, valid_k)
+        # (nheads, total_q) -> (batch, nheads, max_seqlen_q); padding: +inf.
+        lse_rows = reference.varlen_gather(lse[0].T, index_q, valid_q)
+        lse_pad = jnp.where(valid_q[:, None, :], jnp.moveaxis(lse_rows, -1, 1), jnp.inf)
         probs = reference.attention_probs(q_pad, k_pad, lse_pad, key_lengths=len_k,
                                           query_lengths=len_q, **opts)
         q_shape, seqlen_k = q_pad.shape, static.max_seqlen_k

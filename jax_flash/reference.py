@@ -37,6 +37,7 @@ __all__ = [
     "kvcache_ref",
     "philox4x32_10",
     "segment_positions",
+    "varlen_gather",
     "varlen_rows",
 ]
 
@@ -423,6 +424,16 @@ def varlen_rows(cu_seqlens, max_seqlen, total):
     return index, valid, lengths
 
 
+def varlen_gather(x, index, valid):
+    """Packed rows ``(total, ...)`` gathered into a padded ``(batch,
+    max_seqlen, ...)`` batch by ``varlen_rows``' index, zero where not valid."""
+    if x.shape[0] == 0:  # an empty buffer: every sequence is empty
+        return jnp.zeros(index.shape + x.shape[1:], x.dtype)
+    rows = jnp.take(x, index, axis=0)
+    valid = valid.reshape(valid.shape + (1,) * (x.ndim - 1))
+    return jnp.where(valid, rows, jnp.zeros((), x.dtype))
+
+
 def attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                             softmax_scale=None, causal=False, window_size=(-1, -1),
                             softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_mask=None,
@@ -457,14 +468,9 @@ def attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     index_q, valid_q, len_q = varlen_rows(cu_seqlens_q, max_seqlen_q, total_q)
     index_k, valid_k, len_k = varlen_rows(cu_seqlens_k, max_seqlen_k, total_k)
 
-    def gather(x, index, valid):
-        if x.shape[0] == 0:  # an empty buffer: every sequence is empty
-            return jnp.zeros(index.shape + x.shape[1:], x.dtype)
-        rows = jnp.take(x, index, axis=0)  # (batch, max_seqlen, heads, d)
-        return jnp.where(valid[:, :, None, None], rows, jnp.zeros((), x.dtype))
-
     out, lse = _attention(
-        gather(q, index_q, valid_q), gather(k, index_k, valid_k), gather(v, index_k, valid_k),
+        varlen_gather(q, index_q, valid_q), varlen_gather(k, index_k, valid_k),
+        varlen_gather(v, index_k, valid_k),
         softmax_scale=softmax_scale, causal=causal, window_size=_check_window(window_size),
         softcap=float(softcap), alibi_slopes=_check_alibi(alibi_slopes, batch, nheads),
         dropout_p=float(dropout_p), dropout_mask=dropout_mask, key_lengths=len_k,

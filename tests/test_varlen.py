@@ -186,3 +186,13 @@ def test_varlen_and_segment_errors():
     with pytest.raises(ValueError, match="pass a static `total`"):
         jax.jit(lambda x, m: jax_flash.unpad_input(x, m)[0])(jnp.ones((2, 3, 1)),
                                                             jnp.ones((2, 3), bool))
+
+
+def test_varlen_empty_buffers_with_probs():
+    """No rows at all: empty outputs, zero probabilities, no gather from an empty axis."""
+    q = jnp.zeros((0, 2, 16), jnp.float16)
+    cu = jnp.int32([0, 0, 0])
+    out, lse, probs = jax_flash.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, causal=True,
+                                                      return_attn_probs=True)
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
+    assert probs.shape == (2, 2, 4, 4) and not np.asarray(probs).any()
