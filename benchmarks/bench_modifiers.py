@@ -35,6 +35,8 @@ CONFIGS = {
     "plain": dict(),
     "causal": dict(causal=True),
     "window256": dict(window_size=(256, 256)),
+    # Covers every key: the plain scores through the windowed kernel variant.
+    "window_all": dict(window_size=(1 << 20, 1 << 20)),
     "causal_left1024": dict(causal=True, window_size=(1024, 0)),
     "softcap30": dict(softcap=30.0),
     "causal_softcap30": dict(causal=True, softcap=30.0),

@@ -36,47 +36,76 @@ namespace jax_flash::bwd {
 using namespace cute;
 
 // ---- 1. D = rowsum(dO * O) ----------------------------------------------------
-// One warp per (batch, head, row) of lse's layout: (batch, nheads, seqlen_q),
-// or (nheads, total_q) for varlen (every row of the buffer; rows no sequence
-// covers get a D that nothing reads).
+// kLanesPerRow lanes per (batch, head, row) of lse's layout: (batch, nheads,
+// seqlen_q), or (nheads, total_q) for varlen (every row of the buffer; rows no
+// sequence covers get a D that nothing reads). Each lane reads 16 B of O and
+// of dO at a time (head_dim is a multiple of 8, every row 16 B aligned).
+constexpr int kSoftmaxDLanesPerRow = 8;
+
+// Dot product of 8 packed 16-bit floats of a and b, in float32.
+template <typename Element>
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+  const Element* x = reinterpret_cast<const Element*>(&a);
+  const Element* y = reinterpret_cast<const Element*>(&b);
+  float sum = 0.f;
+  CUTE_UNROLL
+  for (int e = 0; e < 8; ++e) sum += float(x[e]) * float(y[e]);
+  return sum;
+}
+
 template <typename Element>
 __global__ void softmax_d_kernel(const AttnBwdParams p) {
-  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
+  constexpr int kLanes = kSoftmaxDLanesPerRow;
+  const int64_t row_index = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
+  const int lane = threadIdx.x % kLanes;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int rows_per_head = varlen ? p.total_q : p.seqlen_q;
   const int64_t rows = int64_t(varlen ? 1 : p.batch) * p.nheads * rows_per_head;
-  if (warp >= rows) return;
-  const int row = warp % rows_per_head;
-  const int bidh = (warp / rows_per_head) % p.nheads;
-  const int bidb = warp / (int64_t(rows_per_head) * p.nheads);
+  // Every lane of a row group stays to the end: the shuffles below span it.
+  const bool active = row_index < rows;
+  const int64_t r = active ? row_index : 0;
+  const int row = r % rows_per_head;
+  const int bidh = (r / rows_per_head) % p.nheads;
+  const int64_t bidb = r / (int64_t(rows_per_head) * p.nheads);
   const Element* o = static_cast<const Element*>(p.o_ptr) + bidb * p.o_batch_stride +
                      row * p.o_row_stride + bidh * p.o_head_stride;
   const Element* d_o = static_cast<const Element*>(p.do_ptr) + bidb * p.do_batch_stride +
                        row * p.do_row_stride + bidh * p.do_head_stride;
   float sum = 0.f;
-  for (int c = lane; c < p.head_dim; c += 32) sum += float(o[c]) * float(d_o[c]);
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
-  if (lane == 0) p.softmax_d_ptr[warp] = sum;  // (batch, nheads, seqlen_q) row-major
+  if (active) {
+    for (int c = lane * 8; c < p.head_dim; c += kLanes * 8) {
+      sum += dot8<Element>(*reinterpret_cast<const uint4*>(o + c),
+                           *reinterpret_cast<const uint4*>(d_o + c));
+    }
+  }
+  CUTE_UNROLL
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    sum += __shfl_xor_sync(0xffffffff, sum, offset);
+  }
+  if (active && lane == 0) p.softmax_d_ptr[r] = sum;  // lse's layout, row-major
 }
 
 // ---- 3. dQ = scale * sum_s dQ_accum[s] -------------------------------------------
-// Four consecutive columns per thread (head_dim is a multiple of 8). Varlen:
-// every row of the buffer, 0 for rows no sequence covers.
-template <typename Element, int kHeadDim, int kBlockM>
-__global__ void convert_dq_kernel(const AttnBwdParams p) {
-  const int chunks = p.head_dim / 4;
+// Eight consecutive columns per thread (head_dim is a multiple of 8): two
+// float4 reads per split, one 16 B store. Index math in Index (32-bit
+// whenever the element count allows: 64-bit division is a long instruction
+// sequence, and this kernel should be bound by memory). Varlen: every row of
+// the buffer, 0 for rows no sequence covers.
+template <typename Element, int kHeadDim, int kBlockM, typename Index>
+__device__ __forceinline__ void convert_dq(const AttnBwdParams& p, Index total) {
+  const Index chunks = p.head_dim / 8;
   const bool varlen = p.cu_seqlens_q != nullptr;
-  const int rows_per_batch = varlen ? p.total_q : p.seqlen_q;
-  const int64_t total = int64_t(varlen ? 1 : p.batch) * rows_per_batch * p.nheads * chunks;
+  const Index rows_per_batch = varlen ? p.total_q : p.seqlen_q;
+  const Index nheads = p.nheads;
   const int64_t split_stride = int64_t(p.nheads) * p.seqlen_q_rounded * kHeadDim;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int c = (i % chunks) * 4;
-    const int64_t r = i / chunks;  // (batch, row, head) flattened, as dq
-    const int bidh = r % p.nheads;
-    int64_t row = (r / p.nheads) % rows_per_batch;
-    const int64_t bidb = r / (int64_t(p.nheads) * rows_per_batch);
+  for (Index i = blockIdx.x * Index(blockDim.x) + threadIdx.x; i < total;
+       i += Index(gridDim.x) * blockDim.x) {
+    const int c = int(i % chunks) * 8;
+    const Index r = i / chunks;  // (batch, row, head) flattened, as dq
+    const int bidh = int(r % nheads);
+    const Index row_batch = r / nheads;
+    int64_t row = row_batch % rows_per_batch;
+    const int64_t bidb = row_batch / rows_per_batch;
     Element* dq = static_cast<Element*>(p.dq_ptr) + bidb * p.dq_batch_stride +
                   row * p.dq_row_stride + bidh * p.dq_head_stride + c;
     const float* acc = p.dq_accum_ptr + bidb * p.dq_accum_splits * split_stride;
@@ -84,25 +113,39 @@ __global__ void convert_dq_kernel(const AttnBwdParams p) {
       // Row -> (sequence, row inside it) -> its tile-aligned accumulator row.
       const int seq = sequence_of_row(p.cu_seqlens_q, p.batch, p.seqlen_q, p.total_q, int(row));
       if (seq < 0) {
-        for (int e = 0; e < 4; ++e) dq[e] = Element(0.f);
+        *reinterpret_cast<uint4*>(dq) = make_uint4(0, 0, 0, 0);  // +0.0 in fp16 and bf16
         continue;
       }
       const int start = SeqRows(p.cu_seqlens_q, seq, p.seqlen_q, p.total_q).start;
       row = (start + int64_t(seq) * kBlockM) / kBlockM * kBlockM + (row - start);
     }
     acc += (bidh * int64_t(p.seqlen_q_rounded) + row) * kHeadDim + c;
-    float4 sum = *reinterpret_cast<const float4*>(acc);
-    for (int s = 1; s < p.dq_accum_splits; ++s) {
-      const float4 part = *reinterpret_cast<const float4*>(acc + s * split_stride);
-      sum.x += part.x;
-      sum.y += part.y;
-      sum.z += part.z;
-      sum.w += part.w;
+    float sum[8];
+    CUTE_UNROLL
+    for (int e = 0; e < 8; ++e) sum[e] = 0.f;
+    for (int s = 0; s < p.dq_accum_splits; ++s) {
+      const float4 lo = *reinterpret_cast<const float4*>(acc + s * split_stride);
+      const float4 hi = *reinterpret_cast<const float4*>(acc + s * split_stride + 4);
+      sum[0] += lo.x; sum[1] += lo.y; sum[2] += lo.z; sum[3] += lo.w;
+      sum[4] += hi.x; sum[5] += hi.y; sum[6] += hi.z; sum[7] += hi.w;
     }
-    dq[0] = Element(sum.x * p.softmax_scale);
-    dq[1] = Element(sum.y * p.softmax_scale);
-    dq[2] = Element(sum.z * p.softmax_scale);
-    dq[3] = Element(sum.w * p.softmax_scale);
+    uint4 packed;
+    Element* out = reinterpret_cast<Element*>(&packed);
+    CUTE_UNROLL
+    for (int e = 0; e < 8; ++e) out[e] = Element(sum[e] * p.softmax_scale);
+    *reinterpret_cast<uint4*>(dq) = packed;
+  }
+}
+
+template <typename Element, int kHeadDim, int kBlockM>
+__global__ void convert_dq_kernel(const AttnBwdParams p) {
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t total = int64_t(varlen ? 1 : p.batch) * (varlen ? p.total_q : p.seqlen_q) *
+                        p.nheads * (p.head_dim / 8);
+  if (total < (int64_t{1} << 31)) {
+    convert_dq<Element, kHeadDim, kBlockM, uint32_t>(p, uint32_t(total));
+  } else {
+    convert_dq<Element, kHeadDim, kBlockM, int64_t>(p, total);
   }
 }
 
@@ -197,9 +240,11 @@ __device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
 }
 
 // kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h),
-// kHasSegs: segment ids (segments.h), each switched on at run time.
+// kHasSegs: segment ids (segments.h), each switched on at run time. Not
+// __forceinline__: ptxas inlines the one call anyway, and forcing it cost the
+// plain kernel 20-52 B of spills (notes/kernel_experiments.md, entry 20).
 template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
-__device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
+__device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const int bidb,
                               const int bidh_k, const int split) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -378,6 +423,13 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
   const float scale_log2 = p.softmax_scale_log2;
   constexpr float kLog2e = 1.4426950408889634f;
 
+  // LSE and D rows of the group's first query head; head h_first + dh starts
+  // dh * stats_head_stride rows later (block_info.h).
+  const int64_t stats0 = info.stats_offset(p, bidb, h_first);
+  const float* const lse_heads = p.lse_ptr + stats0;
+  const float* const d_heads = p.softmax_d_ptr + stats0;
+  const int stats_head_stride = int(info.stats_offset(p, bidb, h_first + 1) - stats0);
+
   int dh = 0, m_block = m_block_min;  // this step's query head (h_first + dh) and Q tile
   CUTE_NO_UNROLL
   for (int step = 0; step < num_steps; ++step) {
@@ -401,15 +453,15 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
     // stall: ncu "long scoreboard", notes/kernel_experiments.md). Rows past
     // seqlen_q read LSE = +inf, so their P (and dS) are 0 and they add nothing
     // to dK, dV.
-    const int64_t row_stat0 = info.stats_offset(p, bidb, h) + int64_t(m_block) * kBlockM;
+    const int64_t row_stat0 = int64_t(dh) * stats_head_stride + m_block * kBlockM;
     float lse_log2[kRowsS], d_row[kRowsS];
     CUTE_UNROLL
     for (int r = 0; r < kRowsS; ++r) {
       const int row = get<0>(tScS_rc(r, 0));
       const bool valid = row < rows_left;
       // An empty row has LSE = +inf: exp2(-inf) = 0 for every entry.
-      lse_log2[r] = valid ? p.lse_ptr[row_stat0 + row] * kLog2e : INFINITY;
-      d_row[r] = valid ? p.softmax_d_ptr[row_stat0 + row] : 0.f;
+      lse_log2[r] = valid ? lse_heads[row_stat0 + row] * kLog2e : INFINITY;
+      d_row[r] = valid ? d_heads[row_stat0 + row] : 0.f;
     }
 
     // Softcap/ALiBi/dropout of this step's query head.
@@ -463,10 +515,6 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
     gemm_ss(acc_dv, tdKVrPt, tdKVrQdOt, thr_copy_a_dkv.partition_S(sPt),
             thr_copy_b_dkv.partition_S(sdOt(stage)), mma_dkv, copy_a_dkv, copy_b_dkv,
             thr_copy_a_dkv, thr_copy_b_dkv);
-    gemm_ss(acc_dk, tdKVrPt, tdKVrQdOt, thr_copy_a_dkv.partition_S(sdSt),
-            thr_copy_b_dkv.partition_S(sQt(stage)), mma_dkv, copy_a_dkv, copy_b_dkv,
-            thr_copy_a_dkv, thr_copy_b_dkv);
-
     // dQ_accum += dS K
     Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});  // (MMA, MMA_M, MMA_D)
     clear(acc_dq);
@@ -477,6 +525,12 @@ __device__ __forceinline__ void attn_bwd_tile(const AttnBwdParams& p, const int 
     // Rows past seqlen_q and padded columns add exact zeros into padding.
     Tensor tdQgdQ = thr_dq.partition_C(dq_accum_tile(h, m_block));  // (MMA, MMA_M, MMA_D)
     add_to_global(tdQgdQ, acc_dq);
+    // dK after the dQ atomics (FlashAttention-2's order): its GEMM overlaps
+    // their drain.
+    gemm_ss(acc_dk, tdKVrPt, tdKVrQdOt, thr_copy_a_dkv.partition_S(sdSt),
+            thr_copy_b_dkv.partition_S(sQt(stage)), mma_dkv, copy_a_dkv, copy_b_dkv,
+            thr_copy_a_dkv, thr_copy_b_dkv);
+
     dh = dh_next;
     m_block = m_next;
   }

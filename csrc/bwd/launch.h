@@ -29,9 +29,9 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_bytes, stream);
   if (err != cudaSuccess) return err;
 
-  constexpr int kRowsPerBlock = 8;  // one warp per row
-  softmax_d_kernel<Element><<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, 32 * kRowsPerBlock, 0,
-                              stream>>>(params);
+  constexpr int kRowsPerBlock = 256 / kSoftmaxDLanesPerRow;
+  softmax_d_kernel<Element><<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, 256, 0, stream>>>(
+      params);
 
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   // Deterministic: one block per accumulator split, each looping over K/V tiles.
@@ -52,7 +52,7 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   }
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
 
-  const int64_t dq_chunks = rows * (params.head_dim / 4);
+  const int64_t dq_chunks = rows * (params.head_dim / 8);
   const int convert_blocks = int(std::min<int64_t>((dq_chunks + 255) / 256, 65536));
   convert_dq_kernel<Element, kHeadDim, kBwdBlockM><<<convert_blocks, 256, 0, stream>>>(params);
   return cudaGetLastError();

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device call: build (sm_90; JAX_FLASH_HEADDIMS narrows it; skipped when a
+# warm machine already holds this tree's build), then the steps STEPS names,
+# in order. Logs and JSON land in $OUT.
+#   mods       modifier GPU tests + API tests
+#   varlen     varlen / segment-id GPU and CPU tests + API tests
+#   gpu        every GPU test file (narrowed builds skip the head dims they lack)
+#   test       the full suite (scripts/gpu_check.sh test)
+#   bench      bench_attention.py (BENCH_ARGS)
+#   benchmods  bench_modifiers.py (BENCH_MODS_ARGS)
+#   benchvarlen  bench_varlen.py (BENCH_VARLEN_ARGS)
+#   breakdown  per-kernel times of a training step under ncu
+#              (BREAKDOWN: "batch,seqlen,nheads,head_dim ..." shapes)
+#   keep       copies the built extension to $OUT, for a later call's carry
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+export OUT=${OUT:-/tmp/jax_flash_out}
+mkdir -p "$OUT"
+# Reference matmuls of many shapes: autotuning each would dominate the run.
+export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_autotune_level=0}
+JAX_FLASH_CUDA_ARCHS=${JAX_FLASH_CUDA_ARCHS:-90} "$repo/scripts/gpu_check.sh" build || exit 1
+cd /tmp
+rc=0
+pytest_files() {
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -n ${PYTEST_WORKERS:-16} "$@" \
+    ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_$step.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+}
+for step in ${STEPS:-}; do
+  echo "== $step"
+  case $step in
+    mods) pytest_files "$repo/tests/test_score_mods_gpu.py" "$repo/tests/test_score_mods.py" \
+            "$repo/tests/test_api.py" ;;
+    varlen) pytest_files "$repo/tests/test_varlen_gpu.py" "$repo/tests/test_varlen.py" \
+              "$repo/tests/test_api.py" ;;
+    gpu) pytest_files "$repo"/tests/test_*_gpu.py ;;
+    test) PYTEST_WORKERS=${PYTEST_WORKERS:-16} "$repo/scripts/gpu_check.sh" test || rc=1 ;;
+    bench) python3 "$repo/benchmarks/bench_attention.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 |
+             tee "$OUT/bench.log" | tail -60 ;;
+    benchmods) python3 "$repo/benchmarks/bench_modifiers.py" --out "$OUT" ${BENCH_MODS_ARGS:-} 2>&1 |
+                 tee "$OUT/bench_mods.log" | tail -40 ;;
+    benchvarlen) python3 "$repo/benchmarks/bench_varlen.py" --out "$OUT" ${BENCH_VARLEN_ARGS:-} 2>&1 |
+                   tee "$OUT/bench_varlen.log" | tail -20 ;;
+    breakdown)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+      for shape in ${BREAKDOWN:-8,2048,16,128 1,16384,16,128}; do
+        log="$OUT/breakdown_${shape//,/_}.csv"
+        $ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+          python3 "$repo/scripts/kernel_breakdown.py" run ${shape//,/ } > "$log" 2>&1
+        echo "-- batch,seqlen,nheads,head_dim = $shape"
+        python3 "$repo/scripts/kernel_breakdown.py" table "$log" || tail -5 "$log"
+      done ;;
+    keep) cp "$(python3 -c 'import jax_flash._C as c; print(c.__file__)')" "$OUT/" ;;
+  esac
+done
+exit $rc

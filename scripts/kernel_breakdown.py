@@ -1,0 +1,58 @@
+"""Per-kernel times of one jax_flash training step (forward + backward of one
+vjp), for `ncu` to time kernel by kernel:
+
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv \\
+        python scripts/kernel_breakdown.py run BATCH SEQLEN NHEADS HEAD_DIM > log.csv
+    python scripts/kernel_breakdown.py table log.csv
+
+`run` executes the step REPEATS (3) times after compiling it; `table` takes
+the last REPEATS launches of every kernel from ncu's CSV and prints their
+median time, so the backward's preprocess, main and convert kernels can be
+weighed against each other and against the forward.
+"""
+
+import csv
+import statistics
+import sys
+
+REPEATS = 3
+
+
+def run(batch, seqlen, nheads, head_dim):
+    import jax
+    import jax.numpy as jnp
+
+    import jax_flash
+
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (batch, seqlen, nheads, head_dim), jnp.bfloat16)
+                   for kk in ks)
+    step = jax.jit(lambda q, k, v, do: jax.vjp(jax_flash.flash_attn_func, q, k, v)[1](do))
+    jax.block_until_ready(step(q, k, v, do))
+    for _ in range(REPEATS):
+        jax.block_until_ready(step(q, k, v, do))
+
+
+def table(path):
+    with open(path) as f:
+        lines = [line for line in f if line.startswith('"')]
+    times = {}
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = row["Kernel Name"].split("<")[0].split("(")[0]
+        times.setdefault(name, []).append(float(row["Metric Value"].replace(",", "")))
+    total = 0.0
+    for name, ts in times.items():
+        last = ts[-REPEATS:]
+        us = statistics.median(last) / 1e3
+        total += us * len(ts) / (REPEATS + 1)
+        print(f"{name:40s} {us:10.1f} us  (launches {len(ts)})")
+    print(f"{'per step, all kernels':40s} {total:10.1f} us")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":
+        run(*(int(x) for x in sys.argv[2:6]))
+    else:
+        table(sys.argv[2])
