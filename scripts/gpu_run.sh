@@ -5,6 +5,7 @@
 #   mods       modifier GPU tests + API tests
 #   varlen     varlen / segment-id GPU and CPU tests + API tests
 #   gpu        every GPU test file (narrowed builds skip the head dims they lack)
+#   files      the test files TEST_FILES names (paths from the repository root)
 #   test       the full suite (scripts/gpu_check.sh test)
 #   bench      bench_attention.py (BENCH_ARGS)
 #   benchmods  bench_modifiers.py (BENCH_MODS_ARGS)
@@ -34,6 +35,7 @@ for step in ${STEPS:-}; do
     varlen) pytest_files "$repo/tests/test_varlen_gpu.py" "$repo/tests/test_varlen.py" \
               "$repo/tests/test_api.py" ;;
     gpu) pytest_files "$repo"/tests/test_*_gpu.py ;;
+    files) pytest_files $(for f in ${TEST_FILES:-}; do echo "$repo/$f"; done) ;;
     test) PYTEST_WORKERS=${PYTEST_WORKERS:-16} "$repo/scripts/gpu_check.sh" test || rc=1 ;;
     bench) python3 "$repo/benchmarks/bench_attention.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 |
              tee "$OUT/bench.log" | tail -60 ;;
