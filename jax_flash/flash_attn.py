@@ -807,7 +807,10 @@ _VARLEN_DOC = """
     truncate the sequence to its first max_seqlen rows/keys (masks align to
     the truncated lengths). Rows no (truncated) sequence covers — past
     cu_seqlens[-1], or cut off — get output 0, LSE +inf and gradient 0.
-    Zero-length sequences are allowed. Under vmap, each element runs in turn.
+    Zero-length sequences are allowed. Sequences whose clamped rows overlap
+    (decreasing cu_seqlens) stay in bounds, but the outputs and gradients of
+    the overlapping sequences are unspecified. Under vmap, each element runs
+    in turn.
 """
 
 
