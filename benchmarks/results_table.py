@@ -1,6 +1,11 @@
-"""Renders a benchmark JSON (benchmarks/bench_attention.py) as a Markdown table:
-one row per (mode, headdim, seqlen, causal), TFLOP/s per implementation, and
-jax_flash's ratio to cuDNN and to PyTorch's FlashAttention-2.
+"""Renders a benchmark JSON as a Markdown table. Three shapes:
+
+- bench_attention.py: one row per (mode, headdim, seqlen, causal), TFLOP/s per
+  implementation, and jax_flash's ratio to cuDNN and to PyTorch's
+  FlashAttention-2;
+- bench_modifiers.py: one row per (mode, seqlen, config), ms and the time
+  relative to the same implementation's plain kernel, jax_flash and cuDNN;
+- bench_varlen.py: one row per (mode, implementation).
 
     python benchmarks/results_table.py benchmarks/results/<file>.json
 """
@@ -9,8 +14,17 @@ import json
 import sys
 
 
-def table(path):
-    data = json.load(open(path))
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _markdown(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def attention_table(data):
     impls = list(dict.fromkeys(r["impl"] for r in data["rows"]))
     cells = {}
     for r in data["rows"]:
@@ -18,15 +32,47 @@ def table(path):
         cells.setdefault(key, {})[r["impl"]] = r["tflops"]
     ratios = [o for o in ("cudnn", "torch_fa2") if o in impls and "jax_flash" in impls]
     head = ["mode", "headdim", "seqlen", "causal", *impls, *(f"jax_flash / {o}" for o in ratios)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for (mode, d, s, causal), row in sorted(cells.items()):
-        fmt = lambda x: "-" if x is None else f"{x:.0f}"
-        ratio = lambda o: "-" if None in (row.get("jax_flash"), row.get(o)) else (
+        ratio = lambda o: "-" if None in (row.get("jax_flash"), row.get(o)) else (  # noqa: E731
             f"{row['jax_flash'] / row[o]:.2f}")
-        vals = [mode, str(d), str(s), "yes" if causal else "no",
-                *(fmt(row.get(i)) for i in impls), *(ratio(o) for o in ratios)]
-        lines.append("| " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+        rows.append([mode, str(d), str(s), "yes" if causal else "no",
+                     *(_fmt(row.get(i), ".0f") for i in impls), *(ratio(o) for o in ratios)])
+    return _markdown(head, rows)
+
+
+def modifiers_table(data):
+    cells = {}
+    for r in data["rows"]:
+        cells.setdefault((r["mode"], r["seqlen"], r["config"]), {})[r["impl"]] = r
+    head = ["mode", "seqlen", "config", "visible", "jax_flash ms", "x plain", "cudnn ms",
+            "x plain"]
+    rows = []
+    for (mode, s, config), by_impl in cells.items():
+        jf, cu = by_impl.get("jax_flash", {}), by_impl.get("cudnn", {})
+        rows.append([mode, str(s), config, _fmt(jf.get("visible"), ".3f"),
+                     _fmt(jf.get("ms"), ".2f"), _fmt(jf.get("vs_plain"), ".2f"),
+                     _fmt(cu.get("ms"), ".2f"), _fmt(cu.get("vs_plain"), ".2f")])
+    return _markdown(head, rows)
+
+
+def varlen_table(data):
+    head = ["mode", "implementation", "ms", "Mtokens/s", "useful TFLOP/s", "x cudnn_padded"]
+    rows = [[r["mode"], r["impl"], _fmt(r.get("ms"), ".3f"),
+             _fmt(r.get("tokens_per_s") and r["tokens_per_s"] / 1e6, ".2f"),
+             _fmt(r.get("useful_tflops"), ".1f"), _fmt(r.get("speedup_vs_cudnn_padded"), ".2f")]
+            for r in data["rows"]]
+    return _markdown(head, rows)
+
+
+def table(path):
+    data = json.load(open(path))
+    first = data["rows"][0] if data["rows"] else {}
+    if "config" in first:
+        return modifiers_table(data)
+    if "tokens_per_s" in first:
+        return varlen_table(data)
+    return attention_table(data)
 
 
 if __name__ == "__main__":
