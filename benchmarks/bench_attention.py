@@ -49,7 +49,8 @@ import jax.numpy as jnp  # noqa: E402
 
 ALL_IMPLS = ("jax_flash", "jax_flash_det", "cudnn", "xla", "torch_fa2")
 WARMUP = 3
-# Each timed sample is >= 50 ms of back-to-back calls: the host's wait for
+# Each timed sample is about 50 ms of back-to-back calls (at most 100
+# calls): the host's wait for
 # the last call and its first dispatch (~0.3-0.5 ms a sample on the H200
 # machine, scripts/dispatch_check.py) then stay under 1% of a sample. With
 # 10 ms samples they took up to 15% of a 4 ms call (notes, entry 21).

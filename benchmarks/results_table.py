@@ -45,8 +45,8 @@ def modifiers_table(data):
     cells = {}
     for r in data["rows"]:
         cells.setdefault((r["mode"], r["seqlen"], r["config"]), {})[r["impl"]] = r
-    head = ["mode", "seqlen", "config", "visible", "jax_flash ms", "x plain", "cudnn ms",
-            "x plain"]
+    head = ["mode", "seqlen", "config", "visible", "jax_flash ms", "jax_flash x plain",
+            "cudnn ms", "cudnn x plain"]
     rows = []
     for (mode, s, config), by_impl in cells.items():
         jf, cu = by_impl.get("jax_flash", {}), by_impl.get("cudnn", {})
@@ -67,11 +67,10 @@ def varlen_table(data):
 
 def table(path):
     data = json.load(open(path))
-    first = data["rows"][0] if data["rows"] else {}
-    if "config" in first:
-        return modifiers_table(data)
-    if "tokens_per_s" in first:
+    if "doc_lengths" in data:
         return varlen_table(data)
+    if any("config" in r for r in data["rows"]):
+        return modifiers_table(data)
     return attention_table(data)
 
 

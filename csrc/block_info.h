@@ -30,8 +30,9 @@ struct SeqRows {
 };
 
 // The sequence whose clamped rows contain `row`, or -1. Binary search over
-// monotone prefix sums (for inconsistent ones the answer is some sequence
-// that covers the row, or -1).
+// monotone prefix sums; for decreasing ones the answer is some sequence that
+// covers the row, or -1 even where one does (results are then unspecified,
+// flash_attn_varlen_func's docstring).
 __device__ __forceinline__ int sequence_of_row(const int* cu_seqlens, int batch, int max_len,
                                                int total, int row) {
   int lo = 0, hi = batch - 1;  // the last b with cu_seqlens[b] <= row

@@ -807,10 +807,11 @@ _VARLEN_DOC = """
     truncate the sequence to its first max_seqlen rows/keys (masks align to
     the truncated lengths). Rows no (truncated) sequence covers — past
     cu_seqlens[-1], or cut off — get output 0, LSE +inf and gradient 0.
-    Zero-length sequences are allowed. Sequences whose clamped rows overlap
-    (decreasing cu_seqlens) stay in bounds, but the outputs and gradients of
-    the overlapping sequences are unspecified. Under vmap, each element runs
-    in turn.
+    Zero-length sequences are allowed. Decreasing cu_seqlens stay in bounds,
+    but outputs and gradients are then unspecified unless every sequence
+    after the decrease is empty (later sequences can share rows with earlier
+    ones, and rows are assigned to sequences by a search that assumes
+    nondecreasing prefix sums). Under vmap, each element runs in turn.
 """
 
 

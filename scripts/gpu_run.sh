@@ -35,22 +35,29 @@ for step in ${STEPS:-}; do
     varlen) pytest_files "$repo/tests/test_varlen_gpu.py" "$repo/tests/test_varlen.py" \
               "$repo/tests/test_api.py" ;;
     gpu) pytest_files "$repo"/tests/test_*_gpu.py ;;
-    files) pytest_files $(for f in ${TEST_FILES:-}; do echo "$repo/$f"; done) ;;
+    files)
+      read -ra names <<< "${TEST_FILES:-}"
+      if [ ${#names[@]} -eq 0 ]; then echo "files: TEST_FILES is empty"; rc=1; continue; fi
+      pytest_files "${names[@]/#/$repo/}" ;;
     test) PYTEST_WORKERS=${PYTEST_WORKERS:-16} "$repo/scripts/gpu_check.sh" test || rc=1 ;;
     bench) python3 "$repo/benchmarks/bench_attention.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 |
-             tee "$OUT/bench.log" | tail -60 ;;
+             tee "$OUT/bench.log" | tail -60
+           [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     benchmods) python3 "$repo/benchmarks/bench_modifiers.py" --out "$OUT" ${BENCH_MODS_ARGS:-} 2>&1 |
-                 tee "$OUT/bench_mods.log" | tail -40 ;;
+                 tee "$OUT/bench_mods.log" | tail -40
+               [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     benchvarlen) python3 "$repo/benchmarks/bench_varlen.py" --out "$OUT" ${BENCH_VARLEN_ARGS:-} 2>&1 |
-                   tee "$OUT/bench_varlen.log" | tail -20 ;;
+                   tee "$OUT/bench_varlen.log" | tail -20
+                 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     breakdown)
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
+      if [ ! -x "$ncu" ]; then echo "breakdown: ncu not found"; rc=1; continue; fi
       for shape in ${BREAKDOWN:-8,2048,16,128 1,16384,16,128}; do
         log="$OUT/breakdown_${shape//,/_}.csv"
-        $ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-          python3 "$repo/scripts/kernel_breakdown.py" run ${shape//,/ } > "$log" 2>&1
+        "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+          python3 "$repo/scripts/kernel_breakdown.py" run ${shape//,/ } > "$log" 2>&1 || rc=1
         echo "-- batch,seqlen,nheads,head_dim = $shape"
-        python3 "$repo/scripts/kernel_breakdown.py" table "$log" || tail -5 "$log"
+        python3 "$repo/scripts/kernel_breakdown.py" table "$log" || { tail -5 "$log"; rc=1; }
       done ;;
     keep) cp "$(python3 -c 'import jax_flash._C as c; print(c.__file__)')" "$OUT/" ;;
   esac

@@ -1,11 +1,11 @@
 """Per-kernel times of one jax_flash training step (forward + backward of one
 vjp), for `ncu` to time kernel by kernel:
 
-    ncu --clock-control none --metrics gpu__time_duration.sum --csv \\
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \\
         python scripts/kernel_breakdown.py run BATCH SEQLEN NHEADS HEAD_DIM > log.csv
     python scripts/kernel_breakdown.py table log.csv
 
-`run` executes the step REPEATS (3) times after compiling it; `table` takes
+`run` executes the step REPEATS (4) times after compiling it; `table` takes
 the last REPEATS launches of every kernel from ncu's CSV and prints their
 median time, so the backward's preprocess, main and convert kernels can be
 weighed against each other and against the forward.
@@ -15,7 +15,7 @@ import csv
 import statistics
 import sys
 
-REPEATS = 3
+REPEATS = 4  # with the compile run, 5 launches per step kernel; the 4 inputs differ
 
 
 def run(batch, seqlen, nheads, head_dim):
@@ -42,8 +42,12 @@ def table(path):
             continue
         name = row["Kernel Name"].split("<")[0].split("(")[0]
         times.setdefault(name, []).append(float(row["Metric Value"].replace(",", "")))
+    if not times:
+        sys.exit(f"no gpu__time_duration rows in {path}")
     total = 0.0
     for name, ts in times.items():
+        if len(ts) % (REPEATS + 1):
+            continue  # one-off launches (input generation), not part of a step
         last = ts[-REPEATS:]
         us = statistics.median(last) / 1e3
         total += us * len(ts) / (REPEATS + 1)
@@ -52,7 +56,9 @@ def table(path):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "run":
+    if len(sys.argv) == 6 and sys.argv[1] == "run":
         run(*(int(x) for x in sys.argv[2:6]))
-    else:
+    elif len(sys.argv) == 3 and sys.argv[1] == "table":
         table(sys.argv[2])
+    else:
+        sys.exit(__doc__)

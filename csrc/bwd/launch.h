@@ -30,8 +30,12 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
 
   constexpr int kRowsPerBlock = 256 / kSoftmaxDLanesPerRow;
-  softmax_d_kernel<Element><<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, 256, 0, stream>>>(
-      params);
+  // rows is 0 for an empty varlen buffer (total_q = 0, max_seqlen_q > 0): the
+  // side kernels have nothing to do and a zero-block launch is an error.
+  if (rows > 0) {
+    softmax_d_kernel<Element><<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, 256, 0, stream>>>(
+        params);
+  }
 
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   // Deterministic: one block per accumulator split, each looping over K/V tiles.
@@ -54,7 +58,9 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
 
   const int64_t dq_chunks = rows * (params.head_dim / 8);
   const int convert_blocks = int(std::min<int64_t>((dq_chunks + 255) / 256, 65536));
-  convert_dq_kernel<Element, kHeadDim, kBwdBlockM><<<convert_blocks, 256, 0, stream>>>(params);
+  if (convert_blocks > 0) {
+    convert_dq_kernel<Element, kHeadDim, kBwdBlockM><<<convert_blocks, 256, 0, stream>>>(params);
+  }
   return cudaGetLastError();
 }
 
