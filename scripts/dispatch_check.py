@@ -11,31 +11,28 @@ If enqueue approaches per-call, the host limits the step; if chained is well
 below per-call, time goes between calls.
 """
 
+import os
 import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 import jax_flash
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_attention import jax_benchmark_fn, make_jax_inputs  # noqa: E402
 
 
 def main(seqlens):
     for seqlen in seqlens:
         batch = max(1, 16384 // seqlen)
-        ks = jax.random.split(jax.random.key(0), 4)
-        q, k, v, do = (jax.random.normal(kk, (batch, seqlen, 16, 128), jnp.bfloat16) for kk in ks)
-
-        def step(q, k, v, do):
-            out, vjp = jax.vjp(jax_flash.flash_attn_func, q, k, v)
-            return out, vjp(do)
-
-        one = jax.jit(step)
+        q, k, v, do = make_jax_inputs(0, (batch, seqlen, 16, 128), n_sets=1)[0]
+        one = jax_benchmark_fn(jax_flash.flash_attn_func, "fwd_bwd")
 
         def chained(q, k, v, do):
             def body(_, q):
-                _, (dq, _, _) = step(q, k, v, do)
+                _, (dq, _, _) = one(q, k, v, do)
                 return q + dq * 0
 
             return jax.lax.fori_loop(0, 10, body, q)

@@ -19,15 +19,18 @@ REPEATS = 4  # with the compile run, 5 launches per step kernel; the 4 inputs di
 
 
 def run(batch, seqlen, nheads, head_dim):
+    import os
+
     import jax
-    import jax.numpy as jnp
 
     import jax_flash
 
-    ks = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (batch, seqlen, nheads, head_dim), jnp.bfloat16)
-                   for kk in ks)
-    step = jax.jit(lambda q, k, v, do: jax.vjp(jax_flash.flash_attn_func, q, k, v)[1](do))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "benchmarks"))
+    from bench_attention import jax_benchmark_fn, make_jax_inputs
+
+    q, k, v, do = make_jax_inputs(0, (batch, seqlen, nheads, head_dim), n_sets=1)[0]
+    step = jax_benchmark_fn(jax_flash.flash_attn_func, "fwd_bwd")
     jax.block_until_ready(step(q, k, v, do))
     for _ in range(REPEATS):
         jax.block_until_ready(step(q, k, v, do))
