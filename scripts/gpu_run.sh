@@ -12,6 +12,8 @@
 #   benchvarlen  bench_varlen.py (BENCH_VARLEN_ARGS)
 #   breakdown  per-kernel times of a training step under ncu
 #              (BREAKDOWN: "batch,seqlen,nheads,head_dim ..." shapes)
+#   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
+#              backward main kernels of one training step (BREAKDOWN shapes)
 #   keep       copies the built extension to $OUT, for a later call's carry
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,6 +60,18 @@ for step in ${STEPS:-}; do
           python3 "$repo/scripts/kernel_breakdown.py" run ${shape//,/ } > "$log" 2>&1 || rc=1
         echo "-- batch,seqlen,nheads,head_dim = $shape"
         python3 "$repo/scripts/kernel_breakdown.py" table "$log" || { tail -5 "$log"; rc=1; }
+      done ;;
+    ncu)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
+      if [ ! -x "$ncu" ]; then echo "ncu: ncu not found"; rc=1; continue; fi
+      for shape in ${BREAKDOWN:-8,2048,16,128}; do
+        log="$OUT/ncu_${shape//,/_}.txt"
+        # Skip the compile run's launches; then one forward and one backward.
+        "$ncu" --clock-control none -k "regex:attn_(fwd|bwd)_kernel" --launch-skip 2 --launch-count 2 \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+          --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+          python3 "$repo/scripts/kernel_breakdown.py" run ${shape//,/ } > "$log" 2>&1 || rc=1
+        echo "-- ncu $shape -> $log"
       done ;;
     keep) cp "$(python3 -c 'import jax_flash._C as c; print(c.__file__)')" "$OUT/" ;;
   esac

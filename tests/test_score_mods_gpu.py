@@ -114,6 +114,36 @@ def test_empty_rows(window, seqlens, softcap, alibi):
     assert (rows == 0).all()
 
 
+@pytest.mark.parametrize("softcap", [30.0, 50.0])
+@pytest.mark.parametrize("causal,window,seqlens", [
+    (False, (-1, -1), (300, 1100)), (True, (-1, -1), (113, 1203)), (False, (200, 0), (700, 650)),
+    (False, (0, 0), (113, 203))])
+def test_softcap_saturated_scores(softcap, causal, window, seqlens):
+    """bf16 softcap alone uses a fixed softmax offset per row up to softcap 30
+    (fwd/launch.h); 50 takes the running-max kernel. Scores far beyond the cap
+    saturate tanh at both ends, so P spans exp(-2 * softcap) .. 1, and rows
+    whose first K/V tiles are masked (causal with seqlen_q < seqlen_k, windows)
+    find their offset late. Output, gradients and LSE against the reference."""
+    skip_if_not_compiled(128)
+    q, k, v, d_out, slopes = _inputs(23, 2, *seqlens, HEADS["gqa"], 128, jnp.bfloat16)
+    q = (q.astype(jnp.float32) * 40).astype(jnp.bfloat16)
+    kw = (("causal", causal), ("window_size", window), ("softcap", softcap), ("alibi", False))
+    # atol: with one visible key (window (0, 0)) the references' dS is exactly
+    # 0, the kernel's dP - D a float32 rounding residue, times the large q in dK.
+    check_fa_rule(_run(q, k, v, d_out, slopes, None, kw), atol=1e-4)
+    _, lse, _ = jax_flash.flash_attn_func(q, k, v, causal=causal, window_size=window,
+                                          softcap=softcap, return_attn_probs=True)
+    ref_lse, lo_lse = (np.asarray(reference.attention_ref(
+        q, k, v, causal=causal, window_size=window, softcap=softcap, upcast=up)[1])
+        for up in (True, False))
+    lse = np.asarray(lse)
+    np.testing.assert_array_equal(np.isposinf(lse), np.isposinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    lse, ref_lse, lo_lse = lse[finite], ref_lse[finite], lo_lse[finite]
+    err = np.abs(lse - ref_lse).max()
+    assert err <= 2 * np.abs(lo_lse - ref_lse).max() + 1e-3, err
+
+
 # ---- Dropout ------------------------------------------------------------------
 
 DROPOUT_CASES = [

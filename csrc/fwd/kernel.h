@@ -43,8 +43,11 @@ __device__ void write_empty_rows(const AttnParams& p, GO& gO, float* lse, int ro
 
 // kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h),
 // kHasSegs: segment ids (segments.h), each switched on at run time; the
-// kernels without them carry none of their registers.
-template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
+// kernels without them carry none of their registers. kFixedOffset: the
+// scores are bounded (softcap alone) and the softmax keeps a fixed offset per
+// row instead of a running max (OnlineSoftmax::update_fixed_offset).
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs,
+          bool kFixedOffset>
 __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_block, const int bidb,
                               const int bidh) {
   using Element = typename Traits::Element;
@@ -209,7 +212,9 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_q,
             smem_thr_k);
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, N cols)
-    if constexpr (kHasMods) {
+    if constexpr (kFixedOffset) {
+      mods.softcap(scores);  // softcap alone (fwd/launch.h)
+    } else if constexpr (kHasMods) {
       mods.apply(scores, tScS_rc, m_block * kBlockM, n_block * kBlockN,
                  kHasSegs && segs ? seg_rows.shift : nullptr);
     }
@@ -228,7 +233,11 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
       cp_async_fence();
     }
 
-    softmax.template update<kFirst>(scores, acc_o_rc, p.softmax_scale_log2);
+    if constexpr (kFixedOffset) {
+      softmax.template update_fixed_offset<kFirst, kMasked>(scores, p.softmax_scale_log2);
+    } else {
+      softmax.template update<kFirst>(scores, acc_o_rc, p.softmax_scale_log2);
+    }
     if constexpr (kHasDropout) {
       // Dropped entries leave P V but not the row sums: the LSE and the
       // normalisation are those of the full softmax. One warp spans the
@@ -300,12 +309,13 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
 
 // Grid: (Q tiles, nheads, batch). Local/causal grids run the Q tiles with the
 // most K/V work first, which evens out the tail of the launch.
-template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
+template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs,
+          bool kFixedOffset>
 __global__ void __launch_bounds__(Traits::kNThreads)
     attn_fwd_kernel(const __grid_constant__ AttnParams params) {
   const int m_block = kIsLocal || kHasSegs ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  attn_fwd_tile<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, m_block, blockIdx.z,
-                                                                   blockIdx.y);
+  attn_fwd_tile<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs, kFixedOffset>(
+      params, m_block, blockIdx.z, blockIdx.y);
 }
 
 }  // namespace jax_flash::fwd

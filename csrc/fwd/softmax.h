@@ -54,18 +54,46 @@ struct OnlineSoftmax {
       }
     }
     CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      row_max[r] = new_max[r];
-      const float offset = scaled_offset(new_max[r], scale_log2);
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(scores); ++c) {
-        const float p = exp2f(scores(r, c) * scale_log2 - offset);
-        scores(r, c) = p;
-        sum += p;
+    for (int r = 0; r < kRows; ++r) row_max[r] = new_max[r];
+    exponentiate<kFirst>(scores, scale_log2);
+  }
+
+  // The same for a softmax whose scores are bounded: softcap alone, where
+  // every score is tanh(.) in [-1, 1] (fwd/launch.h picks this kernel). The
+  // offset need not follow the max, as long as it never changes once a row
+  // has a term: later scores exceed it by at most 2 (or 1 for offset 0), a
+  // factor exp(2 * softcap) that float32 and bf16 P hold for softcap <= 30
+  // (the smallest term, exp(-2 * softcap), stays a normal float too). O is
+  // never rescaled. kFindOffset (the masked tiles at the ends of the range):
+  // a row takes the max of the first tile where it sees a key, after a warp
+  // vote on whether any row still waits for one; a row with one visible key
+  // gets exactly the running-max numbers. Otherwise (the steady loop) there
+  // is no reduction at all: a row that saw no key yet takes offset 0.
+  template <bool kFirst, bool kFindOffset, typename TS>
+  __device__ __forceinline__ void update_fixed_offset(TS& scores, float scale_log2) {
+    static_assert(decltype(size<0>(scores))::value == kRows);
+    if constexpr (kFindOffset) {
+      bool unset = kFirst;
+      if constexpr (!kFirst) {
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) unset |= row_max[r] == -INFINITY;
       }
-      row_sum[r] = kFirst ? sum : row_sum[r] + sum;
+      if (kFirst || __any_sync(0xffffffff, unset)) {
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          float m = -INFINITY;
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
+          m = quad_allreduce(m, MaxOp{});
+          row_max[r] = kFirst || row_max[r] == -INFINITY ? m : row_max[r];
+        }
+      }
+    } else {
+      static_assert(!kFirst, "the first tile finds the offsets");
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) row_max[r] = row_max[r] == -INFINITY ? 0.f : row_max[r];
     }
+    exponentiate<kFirst>(scores, scale_log2);
   }
 
   // Normalises acc_o in place (times out_scale, dropout's 1 / (1 - p)) and
@@ -83,6 +111,24 @@ struct OnlineSoftmax {
       lse[r] = empty ? INFINITY : row_max[r] * lse_scale + logf(sum);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= inv;
+    }
+  }
+
+  // scores -> exp(scale * (s - row_max)) in place, accumulated into the row
+  // sums.
+  template <bool kFirst, typename TS>
+  __device__ __forceinline__ void exponentiate(TS& scores, float scale_log2) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const float offset = scaled_offset(row_max[r], scale_log2);
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const float p = exp2f(scores(r, c) * scale_log2 - offset);
+        scores(r, c) = p;
+        sum += p;
+      }
+      row_sum[r] = kFirst ? sum : row_sum[r] + sum;
     }
   }
 };
