@@ -112,7 +112,8 @@ struct AttnBwdParams : AttnParams {
 
   // Scratch owned by XLA (extra outputs of the custom call):
   // dq_accum (batch, dq_accum_splits, nheads, seqlen_q_rounded, kernel head
-  // dim) float32, zeroed before the main kernel; softmax_d holds D =
+  // dim) float32, columns permuted (bwd::BwdTraits::DqAccumCols), zeroed
+  // before the main kernel; softmax_d holds D =
   // rowsum(dO * O) in lse's layout. dq_accum_splits > 1 only in deterministic
   // mode (one slice per thread block, see bwd/kernel.h). Varlen: dq_accum is
   // (dq_accum_splits, nheads, seqlen_q_rounded, kernel head dim) with

@@ -1,7 +1,8 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
 // FlashAttention-2 backward. Three launches:
-//   1. preprocess: D = rowsum(dO * O) per query row (float32),
+//   1. preprocess: D = rowsum(dO * O) per query row (float32), and the
+//      zeroed dQ accumulator,
 //   2. main: one thread block per (K/V tile, K/V head, batch); for every query
 //      head of the K/V head's group and every Q tile that sees the K/V tile:
 //        S  = Q K^T                 P  = exp(S * scale - LSE)   (recomputed)
@@ -15,8 +16,9 @@
 // accumulator, so every accumulator element has exactly one writing thread
 // and its additions happen in program order; the convert kernel then sums
 // the splits in a fixed order. The accumulator is
-// (batch, splits, nheads, seqlen_q_rounded, kHeadDim) float32: whole tiles
-// with compile-time strides, so the atomics need no predicates.
+// (batch, splits, nheads, seqlen_q_rounded, kHeadDim) float32, its columns
+// in BwdTraits::DqAccumCols order: whole tiles with compile-time strides, so
+// the atomics need no predicates and each adds four floats at once.
 // dS here is the gradient with respect to the scaled scores; the scale is
 // applied once to dQ and dK instead of once per element of dS.
 #pragma once
@@ -53,8 +55,15 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
   return sum;
 }
 
+// The same launch zeroes the float32 dQ accumulator (accum_float4s 16-byte
+// chunks): one launch fewer than a memset, and its stores overlap the loads.
 template <typename Element>
-__global__ void softmax_d_kernel(const AttnBwdParams p) {
+__global__ void softmax_d_kernel(const AttnBwdParams p, const int64_t accum_float4s) {
+  float4* const accum = reinterpret_cast<float4*>(p.dq_accum_ptr);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < accum_float4s;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    accum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   constexpr int kLanes = kSoftmaxDLanesPerRow;
   const int64_t row_index = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -86,13 +95,17 @@ __global__ void softmax_d_kernel(const AttnBwdParams p) {
 }
 
 // ---- 3. dQ = scale * sum_s dQ_accum[s] -------------------------------------------
-// Eight consecutive columns per thread (head_dim is a multiple of 8): two
-// float4 reads per split, one 16 B store. Index math in Index (32-bit
-// whenever the element count allows: 64-bit division is a long instruction
-// sequence, and this kernel should be bound by memory). Varlen: every row of
-// the buffer, 0 for rows no sequence covers.
-template <typename Element, int kHeadDim, int kBlockM, typename Index>
+// Eight consecutive columns per thread (head_dim is a multiple of 8): four
+// float2 reads per split (the pairs 8k + 2t + {0, 1} lie 4 floats apart in
+// the accumulator's column order, BwdTraits::DqAccumCols), one 16 B store.
+// Index math in Index (32-bit whenever the element count allows: 64-bit
+// division is a long instruction sequence, and this kernel should be bound
+// by memory). Varlen: every row of the buffer, 0 for rows no sequence covers.
+template <typename Traits, typename Index>
 __device__ __forceinline__ void convert_dq(const AttnBwdParams& p, Index total) {
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kBlockM = Traits::kBlockM;
   const Index chunks = p.head_dim / 8;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const Index rows_per_batch = varlen ? p.total_q : p.seqlen_q;
@@ -119,15 +132,18 @@ __device__ __forceinline__ void convert_dq(const AttnBwdParams& p, Index total) 
       const int start = SeqRows(p.cu_seqlens_q, seq, p.seqlen_q, p.total_q).start;
       row = (start + int64_t(seq) * kBlockM) / kBlockM * kBlockM + (row - start);
     }
-    acc += (bidh * int64_t(p.seqlen_q_rounded) + row) * kHeadDim + c;
+    acc += (bidh * int64_t(p.seqlen_q_rounded) + row) * kHeadDim +
+           int(typename Traits::DqAccumCols{}(c));
     float sum[8];
     CUTE_UNROLL
     for (int e = 0; e < 8; ++e) sum[e] = 0.f;
     for (int s = 0; s < p.dq_accum_splits; ++s) {
-      const float4 lo = *reinterpret_cast<const float4*>(acc + s * split_stride);
-      const float4 hi = *reinterpret_cast<const float4*>(acc + s * split_stride + 4);
-      sum[0] += lo.x; sum[1] += lo.y; sum[2] += lo.z; sum[3] += lo.w;
-      sum[4] += hi.x; sum[5] += hi.y; sum[6] += hi.z; sum[7] += hi.w;
+      CUTE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        const float2 pair = *reinterpret_cast<const float2*>(acc + s * split_stride + 4 * t);
+        sum[2 * t] += pair.x;
+        sum[2 * t + 1] += pair.y;
+      }
     }
     uint4 packed;
     Element* out = reinterpret_cast<Element*>(&packed);
@@ -137,15 +153,15 @@ __device__ __forceinline__ void convert_dq(const AttnBwdParams& p, Index total) 
   }
 }
 
-template <typename Element, int kHeadDim, int kBlockM>
+template <typename Traits>
 __global__ void convert_dq_kernel(const AttnBwdParams p) {
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int64_t total = int64_t(varlen ? 1 : p.batch) * (varlen ? p.total_q : p.seqlen_q) *
                         p.nheads * (p.head_dim / 8);
   if (total < (int64_t{1} << 31)) {
-    convert_dq<Element, kHeadDim, kBlockM, uint32_t>(p, uint32_t(total));
+    convert_dq<Traits, uint32_t>(p, uint32_t(total));
   } else {
-    convert_dq<Element, kHeadDim, kBlockM, int64_t>(p, total);
+    convert_dq<Traits, int64_t>(p, total);
   }
 }
 
@@ -221,17 +237,31 @@ __device__ __forceinline__ void scores_with_mods(
   }
 }
 
-// dst += src with float32 atomics. An MMA accumulator holds pairs of adjacent
-// columns, which sm_90 adds with one 8-byte vector atomic (half the atomic
-// instructions: they throttled the load/store pipe, notes/kernel_experiments.md).
+// dst += src with float32 atomics; dst (MMA, MMA_M, MMA_D) is a dQ fragment
+// over the accumulator's column order (BwdTraits::DqAccumCols), where the
+// column pairs (0, 1) of repeats 2g and 2g + 1 along D are four consecutive
+// floats: sm_90 adds them with one 16-byte vector atomic, a quarter of the
+// scalar atomic instructions (they throttled the load/store pipe,
+// notes/kernel_experiments.md).
 template <typename TD, typename TS>
 __device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  static_assert(decltype(stride<0, 0>(dst.layout()))::value == 1 &&
-                decltype(size<0, 0>(dst.layout()))::value == 2);
+  using L = decltype(dst.layout());
+  static_assert(decltype(size<0, 0>(L{}))::value == 2 && decltype(size<2>(L{}))::value % 2 == 0);
+  static_assert(decltype(L{}(_1{}, _0{}, _0{}))::value - decltype(L{}(_0{}, _0{}, _0{}))::value == 1 &&
+                    decltype(L{}(_0{}, _0{}, _1{}))::value - decltype(L{}(_0{}, _0{}, _0{}))::value == 2,
+                "pairs of repeats along D are adjacent");
   CUTE_UNROLL
-  for (int i = 0; i < size(src); i += 2) {
-    atomicAdd(reinterpret_cast<float2*>(&dst(i)), make_float2(src(i), src(i + 1)));
+  for (int n = 0; n < size<2>(src); n += 2) {
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(src); ++m) {
+      CUTE_UNROLL
+      for (int r = 0; r < size<0, 1>(src); ++r) {
+        atomicAdd(reinterpret_cast<float4*>(&dst(make_coord(0, r), m, n)),
+                  make_float4(src(make_coord(0, r), m, n), src(make_coord(1, r), m, n),
+                              src(make_coord(0, r), m, n + 1), src(make_coord(1, r), m, n + 1)));
+      }
+    }
   }
 #else
   CUTE_UNROLL
@@ -316,7 +346,7 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   auto dq_accum_tile = [&](int h, int m) {
     return make_tensor(
         make_gmem_ptr(dq_accum_split + (int64_t(h) * p.seqlen_q_rounded + m * kBlockM) * kHeadDim),
-        Layout<TileQ, Stride<Int<kHeadDim>, _1>>{});
+        make_layout(make_layout(Int<kBlockM>{}, Int<kHeadDim>{}), typename Traits::DqAccumCols{}));
   };
 
   // ---- Shared tiles ------------------------------------------------------------

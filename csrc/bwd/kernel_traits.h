@@ -48,6 +48,20 @@ struct BwdTraits {
   using TiledMmadKV = WarpTiledMma<kdKVWarpsN>;  // (N, D) += (N, M) x (D, M)
   using TiledMmadQ = WarpTiledMma<kdQWarpsM>;    // (M, D)  = (M, N) x (D, N)
 
+  // Column order of the float32 dQ accumulator. In one row, a thread's dQ
+  // fragment holds the column pairs 8 * (kdQWarpsN * h + w) + 2t + {0, 1}
+  // (warp w of kdQWarpsN along D, quad lane t, repeat h along D). The pairs
+  // of repeats 2g and 2g + 1 are stored next to each other, so the thread's
+  // four columns are one 16-byte vector atomic on sm_90 (bwd/kernel.h,
+  // add_to_global, checks this at compile time). With h = h0 + 2 h1:
+  //   column b + 2t + 8w + 8 kdQWarpsN h0 + 16 kdQWarpsN h1
+  //   is stored at b + 4t + 16w + 2 h0 + 16 kdQWarpsN h1.
+  static constexpr int kdQWarpsN = kNWarps / kdQWarpsM;
+  static_assert(kHeadDim % (16 * kdQWarpsN) == 0, "an even number of dQ repeats along D");
+  using DqAccumCols =
+      Layout<Shape<_2, _4, Int<kdQWarpsN>, _2, Int<kHeadDim / (16 * kdQWarpsN)>>,
+             Stride<_1, _4, _16, _2, Int<16 * kdQWarpsN>>>;
+
   // ---- Shared memory -----------------------------------------------------------
   static constexpr int kSmemRowK = kHeadDim % 64 == 0 ? 64 : 32;
   using SmemLayoutAtomD = decltype(composition(

@@ -24,17 +24,19 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   const bool varlen = params.cu_seqlens_q != nullptr;
   const int64_t rows = int64_t(varlen ? 1 : params.batch) * params.nheads *
                        (varlen ? params.total_q : params.seqlen_q);
-  const size_t dq_accum_bytes = size_t(varlen ? 1 : params.batch) * params.dq_accum_splits *
-                                params.nheads * params.seqlen_q_rounded * kHeadDim * sizeof(float);
-  cudaError_t err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_bytes, stream);
-  if (err != cudaSuccess) return err;
-
+  const int64_t dq_accum_floats = int64_t(varlen ? 1 : params.batch) * params.dq_accum_splits *
+                                  params.nheads * params.seqlen_q_rounded * kHeadDim;
+  cudaError_t err = cudaSuccess;
   constexpr int kRowsPerBlock = 256 / kSoftmaxDLanesPerRow;
   // rows is 0 for an empty varlen buffer (total_q = 0, max_seqlen_q > 0): the
   // side kernels have nothing to do and a zero-block launch is an error.
   if (rows > 0) {
+    // D, and the zeroed dQ accumulator.
     softmax_d_kernel<Element><<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, 256, 0, stream>>>(
-        params);
+        params, dq_accum_floats / 4);
+  } else {
+    err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_floats * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
   }
 
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
@@ -59,7 +61,7 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   const int64_t dq_chunks = rows * (params.head_dim / 8);
   const int convert_blocks = int(std::min<int64_t>((dq_chunks + 255) / 256, 65536));
   if (convert_blocks > 0) {
-    convert_dq_kernel<Element, kHeadDim, kBwdBlockM><<<convert_blocks, 256, 0, stream>>>(params);
+    convert_dq_kernel<Traits><<<convert_blocks, 256, 0, stream>>>(params);
   }
   return cudaGetLastError();
 }
