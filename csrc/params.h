@@ -124,6 +124,13 @@ struct AttnBwdParams : AttnParams {
   int dq_accum_splits = 1;
   int seqlen_q_rounded = 0;  // multiple of the backward kBlockM
   bool deterministic = false;
+  // Deterministic mode without slices (dq_accum_splits == 1, no window, no
+  // segment ids; see bwd/kernel.h): dq_semaphore holds one counter per
+  // kBlockM x kernel head dim tile of dq_accum (dq_semaphore_tiles of them,
+  // numbered in the accumulator's tile order), then the blocks' ticket
+  // counter; zeroed by the preprocess kernel. nullptr otherwise.
+  int* dq_semaphore_ptr = nullptr;
+  int64_t dq_semaphore_tiles = 0;
 };
 
 }  // namespace jax_flash

@@ -343,12 +343,29 @@ def _compiled_head_dim(kernel_dim: int) -> int:
     return min(c for c in _ffi.compiled_head_dims() if c >= kernel_dim)
 
 
-def _dq_accum_splits(batch: int, nheads_k: int, seqlen_k: int) -> int:
-    """Accumulator slices of the deterministic backward: one thread block per
-    (slice, K/V head, batch element), so enough slices to fill the GPU once,
-    and never more than there are K/V tiles."""
+def _dq_accum_plan(batch: int, nheads_k: int, seqlen_k: int, static: _Static,
+                   mods: "_Mods") -> tuple[int, bool]:
+    """(accumulator slices, ordered) of the backward (csrc/bwd/kernel.h).
+
+    The atomics path has one slice. Deterministic mode either gives each
+    thread block its own slice, one block per (slice, K/V head, batch
+    element): enough slices to fill the GPU once, never more than there are
+    K/V tiles; or, in the plain kernel (no window, softcap, ALiBi, dropout or
+    segment ids), keeps one accumulator and orders the K/V tiles' additions
+    with counters. Ordering costs a wait per step, slices cost memory and, at
+    more than two per head, L2 misses: fwd+bwd d=128 on an H200 took 1.07 /
+    1.08 / 1.17 / 1.21x the atomics path's time with slices and 1.17 / 1.13 /
+    1.12 / 1.13x ordered at seqlen 2048 / 4096 / 8192 / 16384 (1 / 2 / 4 / 8
+    slices; notes/kernel_experiments.md, entry 27)."""
+    if not static.deterministic:
+        return 1, False
     n_blocks = -(-seqlen_k // _BWD_BLOCK_N_MIN)
-    return max(1, min(n_blocks, _ffi.num_sms() // max(1, batch * nheads_k)))
+    splits = max(1, min(n_blocks, _ffi.num_sms() // max(1, batch * nheads_k)))
+    plain = ((static.window_left, static.window_right) == (-1, -1) and not static.segments
+             and static.softcap <= 0 and mods.alibi.size == 0 and mods.rng.size == 0)
+    if splits > 2 and plain:
+        return 1, True
+    return splits, False
 
 
 def _bwd_kernel(xs, mods: _Mods, out, lse, d_out, static: _Static):
@@ -368,7 +385,9 @@ def _bwd_kernel(xs, mods: _Mods, out, lse, d_out, static: _Static):
         batch, accum_rows = math.prod(lead), seqlen_q
         accum_lead, splits_seqlen_k = tuple(lead), seqlen_k
     seqlen_q_rounded = -(-accum_rows // _BWD_BLOCK_M) * _BWD_BLOCK_M
-    splits = _dq_accum_splits(batch, nheads_k, splits_seqlen_k) if static.deterministic else 1
+    splits, ordered = _dq_accum_plan(batch, nheads_k, splits_seqlen_k, static, mods)
+    # Ordered mode's counters: one per dQ tile, then a ticket (csrc/params.h).
+    counters = nheads * (seqlen_q_rounded // _BWD_BLOCK_M) + 1 if ordered else 0
     out_types = (
         *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs),
         # Scratch the kernels need, allocated by XLA and dropped here.
@@ -377,6 +396,7 @@ def _bwd_kernel(xs, mods: _Mods, out, lse, d_out, static: _Static):
             jnp.float32,
         ),
         jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),  # softmax_d
+        jax.ShapeDtypeStruct((*accum_lead, counters), jnp.int32),  # dq_semaphore
     )
     target = "jax_flash_bwd" + _TARGET_SUFFIX[static.packing]
     grads = jax.ffi.ffi_call(target, out_types, vmap_method=_vmap_method(static))(
@@ -649,12 +669,14 @@ def flash_attn_func(
       alibi_slopes: float32 (nheads,) or (batch, nheads); adds
         -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key
         j. Not differentiable (treated as a constant).
-      deterministic: make the backward pass bit-reproducible. Each thread
-        block adds its dQ contributions into its own float32 slice, and the
-        slices are summed in a fixed order. There are about
-        num_SMs / (batch * nheads_k) slices, each the size of dq in float32
-        (at least one), so this mode needs that much extra scratch memory. The
-        forward pass is always deterministic.
+      deterministic: make the backward pass bit-reproducible: the float32 dQ
+        additions happen in a fixed order. Either each thread block adds into
+        its own float32 slice and the slices are summed in order (about
+        num_SMs / (batch * nheads_k) slices, at least one, each the size of dq
+        in float32: that much extra scratch memory), or, with no causal
+        mask, window or score modifier and more than two slices' worth of
+        blocks, the K/V tiles add into one accumulator in turn. The forward
+        pass is always deterministic.
       return_attn_probs: also return the softmax LSE and the attention
         probabilities (for testing, small sizes: they are materialised).
       dropout_key: a JAX PRNG key (`jax.random.key` or `jax.random.PRNGKey`),

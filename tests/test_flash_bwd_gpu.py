@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jax_flash
-from jax_flash import reference
+from jax_flash import flash_attn, reference
 
 from gpu_grid import DTYPES, HEAD_DIMS, HEADS, SEQLENS, requires_gpu, skip_if_not_compiled
 
@@ -91,25 +91,35 @@ def test_backward_large_inputs_stay_finite(seqlen, head_dim):
 
 
 @pytest.mark.parametrize(
-    "batch,seqlens,heads,head_dim",
+    "batch,seqlens,heads,head_dim,causal",
     [
-        (2, (1000, 1100), HEADS["gqa"], 128),  # many accumulator slices per head
-        (2, (300, 257), HEADS["mqa"], 256),  # 64-key tiles
-        (70, (130, 190), (2, 2), 64),  # batch * nheads_k >= SMs: one slice
+        # Causal: accumulator slices (csrc/bwd/kernel.h).
+        (2, (1000, 1100), HEADS["gqa"], 128, True),  # many slices per head
+        (2, (300, 257), HEADS["mqa"], 256, True),  # 64-key tiles
+        (70, (130, 190), (2, 2), 64, True),  # batch * nheads_k >= SMs: one slice
+        # No window: K/V tiles add into dQ in order, one accumulator.
+        (2, (1000, 1100), HEADS["gqa"], 128, False),
+        (2, (300, 257), HEADS["mqa"], 256, False),
+        (1, (200, 33000), (2, 2), 64, False),  # a head's tiles span several waves
     ],
 )
-def test_deterministic_backward_bit_identical(batch, seqlens, heads, head_dim):
+def test_deterministic_backward_bit_identical(batch, seqlens, heads, head_dim, causal):
     skip_if_not_compiled(head_dim)
+    # Each case runs the mode its comment says (test_api's plan test has the rule).
+    static = flash_attn._Static(1.0, -1, 0 if causal else -1, deterministic=True)
+    _, ordered = flash_attn._dq_accum_plan(batch, heads[1], seqlens[1], static,
+                                           flash_attn._Mods.of())
+    assert ordered == (not causal)
     q, k, v, d_out = _inputs(23, batch, *seqlens, heads, head_dim, jnp.bfloat16)
     f = jax.jit(lambda q, k, v, d: _vjp(
-        lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True, deterministic=True),
+        lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal, deterministic=True),
         q, k, v, d))
     first = [np.asarray(g) for g in f(q, k, v, d_out)]
     for _ in range(20):
         for g, g0 in zip(f(q, k, v, d_out), first):
             np.testing.assert_array_equal(np.asarray(g), g0)
     # ... and the same function as the atomics path, to rounding.
-    _check(*_grads_and_refs(q, k, v, d_out, True, deterministic=True))
+    _check(*_grads_and_refs(q, k, v, d_out, causal, deterministic=True))
 
 
 def test_forward_bit_identical_50_runs():
@@ -120,10 +130,11 @@ def test_forward_bit_identical_50_runs():
         np.testing.assert_array_equal(np.asarray(f(q, k, v)), first)
 
 
-def test_composes_with_vmap_jit_remat():
+@pytest.mark.parametrize("causal", [True, False], ids=["slices", "ordered"])
+def test_composes_with_vmap_jit_remat(causal):
     q, k, v, d_out = _inputs(31, 4, 130, 150, HEADS["gqa"], 64, jnp.bfloat16)
     # deterministic=True: the dQ sum order is fixed, so remat must agree bit for bit.
-    attn = lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True, deterministic=True)
+    attn = lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal, deterministic=True)
     loss = lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
     plain = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)

@@ -11,11 +11,21 @@
 //        dQ_accum += dS K           (float32 atomic adds)
 //      and writes dK * scale, dV once at the end,
 //   3. convert: dQ = scale * sum over splits of dQ_accum, in the input dtype.
-// Deterministic mode launches fewer blocks than K/V tiles: block x handles
-// tiles x, x + gridDim.x, ... and adds into its own slice ("split") of the
-// accumulator, so every accumulator element has exactly one writing thread
-// and its additions happen in program order; the convert kernel then sums
-// the splits in a fixed order. The accumulator is
+// Deterministic mode fixes the order of every dQ addition, in one of two ways
+// (jax_flash/flash_attn.py _dq_accum_plan picks):
+//  - slices: fewer blocks than K/V tiles; block x handles tiles x,
+//    x + gridDim.x, ... and adds into its own slice ("split") of the
+//    accumulator, so every accumulator element has exactly one writing
+//    thread and its additions happen in program order; the convert kernel
+//    then sums the splits in a fixed order. Any kernel variant.
+//  - ordered: one accumulator; K/V tile n adds into a dQ tile only after
+//    tiles 0 .. n-1 did, counted by a per-dQ-tile counter (release/acquire).
+//    Only the plain kernel (kOrderable: no window, so every K/V tile sees
+//    every Q tile, and no modifiers or segment ids). A slice revisits each of
+//    its dQ tiles once per sweep over Q, so with many slices their
+//    read-modify-writes miss L2; the ordered blocks of a head add into the
+//    same dQ tile one step apart, as the atomics path does.
+// The accumulator is
 // (batch, splits, nheads, seqlen_q_rounded, kHeadDim) float32, its columns
 // in BwdTraits::DqAccumCols order: whole tiles with compile-time strides, so
 // the atomics need no predicates and each adds four floats at once.
@@ -56,13 +66,18 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 }
 
 // The same launch zeroes the float32 dQ accumulator (accum_float4s 16-byte
-// chunks): one launch fewer than a memset, and its stores overlap the loads.
+// chunks) and the ordered mode's counters: one launch fewer than a memset,
+// and its stores overlap the loads.
 template <typename Element>
 __global__ void softmax_d_kernel(const AttnBwdParams p, const int64_t accum_float4s) {
   float4* const accum = reinterpret_cast<float4*>(p.dq_accum_ptr);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < accum_float4s;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = first; i < accum_float4s; i += stride) {
     accum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (p.dq_semaphore_ptr != nullptr) {
+    for (int64_t i = first; i <= p.dq_semaphore_tiles; i += stride) p.dq_semaphore_ptr[i] = 0;
   }
   constexpr int kLanes = kSoftmaxDLanesPerRow;
   const int64_t row_index = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
@@ -257,9 +272,13 @@ __device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
     for (int m = 0; m < size<1>(src); ++m) {
       CUTE_UNROLL
       for (int r = 0; r < size<0, 1>(src); ++r) {
-        atomicAdd(reinterpret_cast<float4*>(&dst(make_coord(0, r), m, n)),
-                  make_float4(src(make_coord(0, r), m, n), src(make_coord(1, r), m, n),
-                              src(make_coord(0, r), m, n + 1), src(make_coord(1, r), m, n + 1)));
+        // red, not atomicAdd: ptxas keeps atomicAdd(float4*) as a value-returning
+        // ATOMG in the ordered mode's kernel.
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+                     :
+                     : "l"(&dst(make_coord(0, r), m, n)), "f"(src(make_coord(0, r), m, n)),
+                       "f"(src(make_coord(1, r), m, n)), "f"(src(make_coord(0, r), m, n + 1)),
+                       "f"(src(make_coord(1, r), m, n + 1)));
       }
     }
   }
@@ -267,6 +286,33 @@ __device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
   CUTE_UNROLL
   for (int i = 0; i < size(src); ++i) atomicAdd(&dst(i), src(i));
 #endif
+}
+
+// The variants with ordered deterministic dQ additions: the plain kernel.
+template <bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
+constexpr bool kOrderable = !kIsLocal && !kHasMods && !kHasDropout && !kHasSegs;
+
+// Ordered mode's counters (csrc/params.h dq_semaphore). The adds of a K/V
+// tile to a dQ tile happen-before the counter's increment (every thread's adds
+// precede a block barrier, then thread 0 fences and increments), and a warp's
+// adds happen-after the acquire load by its lane 0 that saw the count it waits
+// for. (Fencing in every warp and counting warps measured 4-7% slower at
+// seqlen 8192-16384, notes/kernel_experiments.md entry 27.)
+__device__ __forceinline__ void wait_for_count(const int* counter, int count) {
+  if (threadIdx.x % 32 == 0) {
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen < count);
+  }
+  __syncwarp();
+}
+
+__device__ __forceinline__ void release_increment(int* counter) {
+  asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.s32 [%0], 1;"
+               :
+               : "l"(counter)
+               : "memory");
 }
 
 // kHasMods: softcap and ALiBi, kHasDropout: dropout too (score_mods.h),
@@ -347,6 +393,14 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
     return make_tensor(
         make_gmem_ptr(dq_accum_split + (int64_t(h) * p.seqlen_q_rounded + m * kBlockM) * kHeadDim),
         make_layout(make_layout(Int<kBlockM>{}, Int<kHeadDim>{}), typename Traits::DqAccumCols{}));
+  };
+  // Ordered deterministic mode (top of file): the counter of dQ tile (h, m).
+  // Every K/V tile sees every Q tile, so n_block tiles add to each before this one.
+  const bool ordered = kOrderable<kIsLocal, kHasMods, kHasDropout, kHasSegs> &&
+                       p.dq_semaphore_ptr != nullptr;
+  auto dq_tile_counter = [&](int h, int m) {
+    return p.dq_semaphore_ptr + (dq_accum_split - p.dq_accum_ptr) / (kBlockM * kHeadDim) +
+           int64_t(h) * (p.seqlen_q_rounded / kBlockM) + m;
   };
 
   // ---- Shared tiles ------------------------------------------------------------
@@ -554,6 +608,15 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
 
     // Rows past seqlen_q and padded columns add exact zeros into padding.
     Tensor tdQgdQ = thr_dq.partition_C(dq_accum_tile(h, m_block));  // (MMA, MMA_M, MMA_D)
+    if (ordered) {
+      if (step > 0 && tid == 0) {
+        // Every warp's adds of the previous step preceded this step's first
+        // barrier, most of a step ago: the fence is short. Pass that tile on.
+        const bool wrapped = m_block == m_block_min;
+        release_increment(dq_tile_counter(h - wrapped, wrapped ? m_block_max - 1 : m_block - 1));
+      }
+      wait_for_count(dq_tile_counter(h, m_block), n_block);
+    }
     add_to_global(tdQgdQ, acc_dq);
     // dK after the dQ atomics (FlashAttention-2's order): its GEMM overlaps
     // their drain.
@@ -570,6 +633,9 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   // warp is past its last read of them. A K/V tile no query sees gets dK = dV = 0.
   cp_async_wait<0>();
   __syncthreads();
+  if (ordered && num_steps > 0 && tid == 0) {
+    release_increment(dq_tile_counter(h_first + p.h_per_hk - 1, m_block_max - 1));
+  }
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= p.softmax_scale;
   if (kHasDropout && p.rng_ptr != nullptr) {
@@ -610,15 +676,34 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   store(sV, static_cast<Element*>(p.dv_ptr) + dv_off, p.dv_row_stride);
 }
 
-// Grid: (K/V tiles, or accumulator splits when deterministic; nheads_k; batch).
+// Grid: (K/V tiles, or accumulator splits with slices; nheads_k; batch).
 template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attn_bwd_kernel(const __grid_constant__ AttnBwdParams params) {
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-  const int split = params.deterministic ? blockIdx.x : 0;
-  for (int n_block = blockIdx.x; n_block < num_n_blocks; n_block += gridDim.x) {
-    attn_bwd_tile<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, n_block, blockIdx.z,
-                                                                     blockIdx.y, split);
+  int split = params.deterministic ? blockIdx.x : 0;
+  int n_first = blockIdx.x, n_stride = gridDim.x, bidb = blockIdx.z, bidh_k = blockIdx.y;
+  if (kOrderable<kIsLocal, kHasMods, kHasDropout, kHasSegs> && params.dq_semaphore_ptr != nullptr) {
+    // Ordered mode: a block's (K/V tile, head, batch) is the ticket it draws
+    // when it starts, K/V tile slowest. The tiles a block waits for then
+    // belong to blocks that started before it, whatever order the hardware
+    // launches blocks in: no deadlock. Heads fastest: the blocks running at
+    // once span few K/V tiles of any one head, so its chain is short.
+    __shared__ int ticket;
+    if (threadIdx.x == 0) {
+      ticket = atomicAdd(params.dq_semaphore_ptr + params.dq_semaphore_tiles, 1);
+    }
+    __syncthreads();
+    const int rest = ticket % (gridDim.y * gridDim.z);
+    n_first = ticket / (gridDim.y * gridDim.z);
+    n_stride = num_n_blocks;  // one tile
+    split = 0;
+    bidb = rest / gridDim.y;
+    bidh_k = rest % gridDim.y;
+  }
+  for (int n_block = n_first; n_block < num_n_blocks; n_block += n_stride) {
+    attn_bwd_tile<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>(params, n_block, bidb,
+                                                                     bidh_k, split);
     __syncthreads();  // the next tile reuses the shared memory
   }
 }

@@ -20,6 +20,11 @@ template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHa
 cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<Element, kHeadDim>::Traits;
   static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ accumulator");
+  // Only the plain kernel orders its dQ additions (kernel.h); the handler
+  // gives every other variant slices, and this launch refuses otherwise.
+  if (!kOrderable<kIsLocal, kHasMods, kHasDropout, kHasSegs> && params.dq_semaphore_ptr != nullptr) {
+    return cudaErrorInvalidValue;
+  }
   // Rows of lse's layout: (batch, nheads, seqlen_q), or (nheads, total_q).
   const bool varlen = params.cu_seqlens_q != nullptr;
   const int64_t rows = int64_t(varlen ? 1 : params.batch) * params.nheads *
@@ -37,11 +42,18 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   } else {
     err = cudaMemsetAsync(params.dq_accum_ptr, 0, dq_accum_floats * sizeof(float), stream);
     if (err != cudaSuccess) return err;
+    if (params.dq_semaphore_ptr != nullptr) {  // the ticket counter is still read
+      err = cudaMemsetAsync(params.dq_semaphore_ptr, 0,
+                            (params.dq_semaphore_tiles + 1) * sizeof(int), stream);
+      if (err != cudaSuccess) return err;
+    }
   }
 
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-  // Deterministic: one block per accumulator split, each looping over K/V tiles.
-  const int grid_x = params.deterministic ? params.dq_accum_splits : num_n_blocks;
+  // Deterministic with slices: one block per accumulator split, each looping
+  // over K/V tiles; ordered (dq_semaphore_ptr set): one block per K/V tile.
+  const bool slices = params.deterministic && params.dq_semaphore_ptr == nullptr;
+  const int grid_x = slices ? params.dq_accum_splits : num_n_blocks;
   const dim3 grid(grid_x, params.nheads_k, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &attn_bwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>;

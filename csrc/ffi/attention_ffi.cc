@@ -403,7 +403,8 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
                   const ffi::AnyBuffer& d_out, const View& dq, const View& dk, const View& dv,
                   std::initializer_list<const ffi::AnyBuffer*> grads,
                   ffi::Buffer<ffi::F32>& dq_accum, ffi::Buffer<ffi::F32>& softmax_d,
-                  const ScoreOptions& opt, const RowLayout& layout, bool deterministic) {
+                  ffi::Buffer<ffi::S32>& dq_semaphore, const ScoreOptions& opt,
+                  const RowLayout& layout, bool deterministic) {
   AttnBwdParams p;
   if (auto e = SetQkv(q, k, v, &p); e.failure()) return e;
   if (auto e = SetRowLayout(layout, &p); e.failure()) return e;
@@ -444,6 +445,23 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
         std::to_string(fwd::kernel_head_dim(p.head_dim)) +
         ") with splits == 1 unless deterministic, got " + ShapeString(dq_accum.dimensions()));
   }
+  // dq_semaphore: empty, or (batch...) * nheads * seqlen_q_rounded / kBlockM
+  // dQ tile counters and a ticket: deterministic mode's ordered variant, which
+  // needs one accumulator and the plain kernel (no window, softcap, ALiBi,
+  // dropout or segment ids: csrc/dispatch.cu runs those in other variants).
+  const int64_t dq_tiles = int64_t(varlen ? 1 : p.batch) * p.nheads *
+                           (seqlen_q_rounded / bwd::kBwdBlockM);
+  const bool ordered = dq_semaphore.element_count() > 0;
+  const bool plain = p.window_left < 0 && p.window_right < 0 && p.seg_q == nullptr &&
+                     p.softcap_premul == 0.f && p.alibi_slopes_ptr == nullptr &&
+                     p.rng_ptr == nullptr;
+  if (ordered && (!deterministic || splits != 1 || !plain ||
+                  dq_semaphore.element_count() < size_t(dq_tiles) + 1)) {
+    return ffi::Error::InvalidArgument(
+        "a non-empty dq_semaphore needs deterministic=True, one dq_accum split, no window, "
+        "softcap, ALiBi, dropout or segment ids, and at least " + std::to_string(dq_tiles + 1) +
+        " elements; got " + std::to_string(dq_semaphore.element_count()) + " elements");
+  }
   if (p.batch == 0 || p.nheads == 0 || p.seqlen_k == 0 || p.seqlen_q == 0) {
     // Nothing attends: every gradient is zero.
     for (const ffi::AnyBuffer* g : grads) {
@@ -468,6 +486,10 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
   p.dq_accum_splits = static_cast<int>(splits);
   p.seqlen_q_rounded = static_cast<int>(seqlen_q_rounded);
   p.deterministic = deterministic;
+  if (ordered) {
+    p.dq_semaphore_ptr = dq_semaphore.typed_data();
+    p.dq_semaphore_tiles = dq_tiles;
+  }
   cudaError_t err = bwd::run_bwd(KernelDtype(q.dtype), p, stream);
   if (err == cudaSuccess) {
     // dq's uncovered rows are zeroed by the convert kernel.
@@ -481,14 +503,15 @@ ffi::Error AttnBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer d_out, JAX_FLASH_SCORE_ARGS, bool deterministic,
                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                        ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                       ffi::Result<ffi::Buffer<ffi::F32>> softmax_d) {
+                       ffi::Result<ffi::Buffer<ffi::F32>> softmax_d,
+                       ffi::Result<ffi::Buffer<ffi::S32>> dq_semaphore) {
   View qv, kv, vv, dqv, dkv, dvv;
   if (auto e = ReadQkv(Packing::kNone, q, &k, &v, &qv, &kv, &vv); e.failure()) return e;
   if (auto e = ReadView("dq", *dq, 0, 0, &dqv); e.failure()) return e;
   if (auto e = ReadView("dk", *dk, 0, 0, &dkv); e.failure()) return e;
   if (auto e = ReadView("dv", *dv, 0, 0, &dvv); e.failure()) return e;
   return RunBwd(stream, qv, kv, vv, out, lse, d_out, dqv, dkv, dvv, {&*dq, &*dk, &*dv},
-                *dq_accum, *softmax_d, JAX_FLASH_SCORE_OPTIONS, deterministic);
+                *dq_accum, *softmax_d, *dq_semaphore, JAX_FLASH_SCORE_OPTIONS, deterministic);
 }
 
 ffi::Error AttnBwdKvpackedImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
@@ -496,14 +519,15 @@ ffi::Error AttnBwdKvpackedImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
                                ffi::AnyBuffer d_out, JAX_FLASH_SCORE_ARGS, bool deterministic,
                                ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dkv,
                                ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                               ffi::Result<ffi::Buffer<ffi::F32>> softmax_d) {
+                               ffi::Result<ffi::Buffer<ffi::F32>> softmax_d,
+                               ffi::Result<ffi::Buffer<ffi::S32>> dq_semaphore) {
   View qv, kv_k, kv_v, dqv, dkv_k, dkv_v;
   if (auto e = ReadQkv(Packing::kKv, q, &kv, nullptr, &qv, &kv_k, &kv_v); e.failure()) return e;
   if (auto e = ReadView("dq", *dq, 0, 0, &dqv); e.failure()) return e;
   if (auto e = ReadView("dkv", *dkv, 2, 0, &dkv_k); e.failure()) return e;
   if (auto e = ReadView("dkv", *dkv, 2, 1, &dkv_v); e.failure()) return e;
   return RunBwd(stream, qv, kv_k, kv_v, out, lse, d_out, dqv, dkv_k, dkv_v, {&*dq, &*dkv},
-                *dq_accum, *softmax_d, JAX_FLASH_SCORE_OPTIONS, deterministic);
+                *dq_accum, *softmax_d, *dq_semaphore, JAX_FLASH_SCORE_OPTIONS, deterministic);
 }
 
 ffi::Error AttnBwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::AnyBuffer out,
@@ -511,7 +535,8 @@ ffi::Error AttnBwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::An
                                 JAX_FLASH_SCORE_ARGS, bool deterministic,
                                 ffi::Result<ffi::AnyBuffer> dqkv,
                                 ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                                ffi::Result<ffi::Buffer<ffi::F32>> softmax_d) {
+                                ffi::Result<ffi::Buffer<ffi::F32>> softmax_d,
+                                ffi::Result<ffi::Buffer<ffi::S32>> dq_semaphore) {
   View qv, kv, vv, dqv, dkv, dvv;
   if (auto e = ReadQkv(Packing::kQkv, qkv, nullptr, nullptr, &qv, &kv, &vv); e.failure()) {
     return e;
@@ -520,7 +545,7 @@ ffi::Error AttnBwdQkvpackedImpl(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::An
     return e;
   }
   return RunBwd(stream, qv, kv, vv, out, lse, d_out, dqv, dkv, dvv, {&*dqkv}, *dq_accum,
-                *softmax_d, JAX_FLASH_SCORE_OPTIONS, deterministic);
+                *softmax_d, *dq_semaphore, JAX_FLASH_SCORE_OPTIONS, deterministic);
 }
 
 #undef JAX_FLASH_SCORE_ARGS
@@ -584,7 +609,7 @@ auto FwdRets(Binding binding) {
 
 // Backward: (q, k, v in the handler's packing), out, lse, d_out, then the
 // score arguments; returns the gradients in the inputs' layout, then the
-// scratch dq_accum and softmax_d.
+// scratch dq_accum, softmax_d and dq_semaphore.
 template <typename Binding>
 auto BwdArgs(Binding binding) {
   return ScoreArgs(std::move(binding)
@@ -597,7 +622,8 @@ template <typename Binding>
 auto BwdScratch(Binding binding) {
   return std::move(binding)
       .template Ret<ffi::Buffer<ffi::F32>>()   // dq_accum
-      .template Ret<ffi::Buffer<ffi::F32>>();  // softmax_d
+      .template Ret<ffi::Buffer<ffi::F32>>()   // softmax_d
+      .template Ret<ffi::Buffer<ffi::S32>>();  // dq_semaphore
 }
 
 auto Stream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
