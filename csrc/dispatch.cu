@@ -76,7 +76,7 @@ bool has_segments(const AttnParams& p) { return p.seg_q != nullptr; }
 // Dropout, and segment ids with softcap or ALiBi, run in the kernel that has
 // everything switched at run time.
 template <typename Launch>
-cudaError_t with_variant(const AttnParams& p, Launch&& launch) {
+auto with_variant(const AttnParams& p, Launch&& launch) {
   using T = std::true_type;
   using F = std::false_type;
   if (has_dropout(p) || (has_segments(p) && has_mods(p))) return launch(T{}, T{}, T{}, T{});
@@ -112,6 +112,13 @@ cudaError_t run_fwd(Dtype dtype, const AttnParams& params, cudaStream_t stream) 
 }  // namespace fwd
 
 namespace bwd {
+
+bool orders_dq(const AttnParams& params) {
+  return with_variant(params, [](auto local, auto mods, auto dropout, auto segs) {
+    return kOrderable<decltype(local)::value, decltype(mods)::value, decltype(dropout)::value,
+                      decltype(segs)::value>;
+  });
+}
 
 cudaError_t run_bwd(fwd::Dtype dtype, const AttnBwdParams& params, cudaStream_t stream) {
   return with_variant(params, [&](auto local, auto mods, auto dropout, auto segs) {

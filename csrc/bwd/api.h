@@ -23,4 +23,12 @@ constexpr int kBwdBlockM = 64;
 // compiled head dim fwd::kernel_head_dim() picks.
 cudaError_t run_bwd(fwd::Dtype dtype, const AttnBwdParams& params, cudaStream_t stream);
 
+// The kernel variants that can order their dQ additions (deterministic mode
+// without slices, bwd/kernel.h): the plain one.
+template <bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
+constexpr bool kOrderable = !kIsLocal && !kHasMods && !kHasDropout && !kHasSegs;
+
+// Whether the variant run_bwd picks for params is orderable.
+bool orders_dq(const AttnParams& params);
+
 }  // namespace jax_flash::bwd

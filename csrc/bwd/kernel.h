@@ -41,6 +41,7 @@
 #include "../params.h"
 #include "../score_mods.h"
 #include "../segments.h"
+#include "api.h"
 #include "kernel_traits.h"
 
 namespace jax_flash::bwd {
@@ -287,10 +288,6 @@ __device__ __forceinline__ void add_to_global(TD& dst, TS const& src) {
   for (int i = 0; i < size(src); ++i) atomicAdd(&dst(i), src(i));
 #endif
 }
-
-// The variants with ordered deterministic dQ additions: the plain kernel.
-template <bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
-constexpr bool kOrderable = !kIsLocal && !kHasMods && !kHasDropout && !kHasSegs;
 
 // Ordered mode's counters (csrc/params.h dq_semaphore). The adds of a K/V
 // tile to a dQ tile happen-before the counter's increment (every thread's adds

@@ -452,10 +452,7 @@ ffi::Error RunBwd(cudaStream_t stream, const View& q, const View& k, const View&
   const int64_t dq_tiles = int64_t(varlen ? 1 : p.batch) * p.nheads *
                            (seqlen_q_rounded / bwd::kBwdBlockM);
   const bool ordered = dq_semaphore.element_count() > 0;
-  const bool plain = p.window_left < 0 && p.window_right < 0 && p.seg_q == nullptr &&
-                     p.softcap_premul == 0.f && p.alibi_slopes_ptr == nullptr &&
-                     p.rng_ptr == nullptr;
-  if (ordered && (!deterministic || splits != 1 || !plain ||
+  if (ordered && (!deterministic || splits != 1 || !bwd::orders_dq(p) ||
                   dq_semaphore.element_count() < size_t(dq_tiles) + 1)) {
     return ffi::Error::InvalidArgument(
         "a non-empty dq_semaphore needs deterministic=True, one dq_accum split, no window, "
