@@ -2,10 +2,13 @@
 jax_flash vs XLA's attention, from XLA's compiled memory analysis.
 
     python benchmarks/memory.py [--seqlens 4096,8192,16384] [--headdim 128]
+                                [--causal yes|no|both]
 
-Batch 1, hidden 2048, bf16, causal. Prints one row per (impl, seqlen): the
+Batch 1, hidden 2048, bf16. Prints one row per (impl, causal, seqlen): the
 compiled step's temporary buffers and its total (arguments + outputs +
-temporaries) in MiB. Needs a GPU backend for jax_flash's kernels.
+temporaries) in MiB. Needs a GPU backend for jax_flash's kernels. The
+deterministic backward's scratch depends on its plan: dQ slices (causal, or
+few slices) or one accumulator plus per-tile counters (ordered).
 """
 
 import argparse
@@ -33,20 +36,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seqlens", default="4096,8192,16384")
     p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--causal", choices=("yes", "no", "both"), default="yes")
     args = p.parse_args()
     impls = {
-        "jax_flash": lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True),
-        # One float32 dQ slice per thread block of the deterministic backward.
-        "jax_flash_det": lambda q, k, v: jax_flash.flash_attn_func(
-            q, k, v, causal=True, deterministic=True),
-        "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                            implementation="xla"),
+        "jax_flash": lambda causal: lambda q, k, v: jax_flash.flash_attn_func(
+            q, k, v, causal=causal),
+        "jax_flash_det": lambda causal: lambda q, k, v: jax_flash.flash_attn_func(
+            q, k, v, causal=causal, deterministic=True),
+        "xla": lambda causal: lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="xla"),
     }
-    print(f"{'impl':14s} {'seqlen':>7s} {'temp MiB':>10s} {'total MiB':>10s}")
-    for name, attn in impls.items():
-        for s in (int(x) for x in args.seqlens.split(",")):
-            temp, total = step_memory(attn, s, args.headdim)
-            print(f"{name:14s} {s:7d} {temp / 2**20:10.1f} {total / 2**20:10.1f}")
+    causals = {"yes": (True,), "no": (False,), "both": (True, False)}[args.causal]
+    print(f"{'impl':14s} {'causal':>6s} {'seqlen':>7s} {'temp MiB':>10s} {'total MiB':>10s}")
+    for name, make in impls.items():
+        for causal in causals:
+            for s in (int(x) for x in args.seqlens.split(",")):
+                temp, total = step_memory(make(causal), s, args.headdim)
+                print(f"{name:14s} {'yes' if causal else 'no':>6s} {s:7d} "
+                      f"{temp / 2**20:10.1f} {total / 2**20:10.1f}")
 
 
 if __name__ == "__main__":
