@@ -1,11 +1,14 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
 // The Python extension `jax_flash._C`: FFI handler capsules for
-// jax.ffi.register_ffi_target, and what the build compiled.
+// jax.ffi.register_ffi_target, what the build compiled, and the kernel plan
+// (host/plan.h) that Python sizes the custom calls' outputs from.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
 #include <type_traits>
 
+#include "../host/plan.h"
 #include "attention_ffi.h"
 
 namespace nb = nanobind;
@@ -17,6 +20,46 @@ nb::capsule Capsule(Fn* fn) {
   static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
                 "an XLA FFI handler");
   return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::tuple Shape(std::initializer_list<int64_t> dims) {
+  nb::list l;
+  for (int64_t d : dims) l.append(d);
+  return nb::tuple(l);
+}
+
+nb::dict Plan(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads,
+              int64_t nheads_k, int64_t head_dim, int64_t total_q, bool local, bool softcap,
+              bool alibi, bool dropout, bool segments, bool deterministic, int num_sms) {
+  jax_flash::Problem pb;
+  pb.batch = batch;
+  pb.seqlen_q = seqlen_q;
+  pb.seqlen_k = seqlen_k;
+  pb.nheads = nheads;
+  pb.nheads_k = nheads_k;
+  pb.head_dim = head_dim;
+  pb.total_q = total_q;
+  pb.local = local;
+  pb.softcap = softcap;
+  pb.alibi = alibi;
+  pb.dropout = dropout;
+  pb.segments = segments;
+  pb.deterministic = deterministic;
+  jax_flash::Plan plan;
+  const std::string err = jax_flash::make_plan(pb, &plan);
+  if (!err.empty()) throw nb::value_error(err.c_str());
+  const jax_flash::DqMode mode = jax_flash::plan_dq_mode(pb, plan, num_sms);
+  nb::dict d;
+  d["family"] = jax_flash::name_of(plan.family);
+  d["variant"] = jax_flash::name_of(plan.variant);
+  d["head_dim_padded"] = plan.head_dim_padded;
+  d["kernel_head_dim"] = plan.kernel_head_dim;
+  d["dq_accum_splits"] = mode.splits;
+  d["dq_ordered"] = mode.ordered;
+  d["dq_accum_shape"] =
+      Shape({mode.splits, nheads, plan.dq_accum_rows, int64_t(plan.kernel_head_dim)});
+  d["dq_semaphore_shape"] = Shape({mode.semaphore});
+  return d;
 }
 
 }  // namespace
@@ -35,11 +78,14 @@ NB_MODULE(_C, m) {
   }, "FFI target name -> handler capsule, for platform CUDA.");
   m.def("compiled_head_dims", []() {
     nb::list dims;
-    int last = 0;
-    for (int d = 8; d <= 256; d += 8) {
-      const int k = jax_flash::CompiledHeadDimFor(d);
-      if (k > 0 && k != last) dims.append(k), last = k;
-    }
+    for (int d : jax_flash::compiled_head_dims()) dims.append(d);
     return dims;
-  }, "Head dims with a compiled forward kernel; others run on the next larger one.");
+  }, "Head dims with compiled kernels; smaller ones run on the next larger one.");
+  m.def("plan", &Plan, nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("seqlen_k"),
+        nb::arg("nheads"), nb::arg("nheads_k"), nb::arg("head_dim"), nb::arg("total_q"),
+        nb::arg("local"), nb::arg("softcap"), nb::arg("alibi"), nb::arg("dropout"),
+        nb::arg("segments"), nb::arg("deterministic"), nb::arg("num_sms"),
+        "The kernel plan of one attention call (csrc/host/plan.h): family, variant, "
+        "padded and compiled head dim, and the backward's dQ scratch shapes (per batch "
+        "element for the fixed layout, whole for varlen, total_q >= 0).");
 }

@@ -4,11 +4,9 @@
 // host (the FFI handlers fill it) and device (kernels read it by value).
 // Sizes are in elements, strides in elements, pointers are device pointers.
 //
-// Fields for features that later kernels implement (varlen, paged K/V,
-// softcap, ALiBi, dropout, split-KV) are already here so that the block-offset
-// logic in block_info.h has one shape for all of them; a kernel that does not
-// implement a feature requires the field to hold its "off" value, and the
-// handler guarantees that.
+// Every kernel family reads the same struct: a feature a kernel variant does
+// not implement holds its "off" value (nullptr, 0, -1), which the host plan
+// guarantees by choosing a variant that covers every feature in use.
 #pragma once
 
 #include <cstdint>
@@ -83,17 +81,18 @@ struct AttnParams {
   const int4* __restrict__ seg_q = nullptr;
   const int4* __restrict__ seg_k = nullptr;
 
-  // ---- Variable length / paged K/V / decoding ---------------------------
+  // ---- Variable length ----------------------------------------------------
   // Prefix sums of sequence lengths, (batch + 1,) int32; nullptr: fixed length.
   const int* __restrict__ cu_seqlens_q = nullptr;
   const int* __restrict__ cu_seqlens_k = nullptr;
-  // Per-batch number of valid keys (kv cache); nullptr: use cu_seqlens/seqlen_k.
-  const int* __restrict__ seqused_k = nullptr;
-  // Paged K/V: (batch, max_pages) int32 page table; nullptr: contiguous K/V.
-  const int* __restrict__ block_table = nullptr;
-  int64_t block_table_batch_stride = 0;
-  int page_size = 0;
-  int num_splits = 1;  // split-KV decoding: > 1 writes partial O/LSE to accumulators
+
+  // ---- Launch ---------------------------------------------------------------
+  // The batch element and head of grid index 0 along the grid's z and y axes.
+  // Those axes take at most 65535 blocks, so the launches split a larger batch
+  // or head count into several grids and set these to each grid's origin
+  // (heads are query heads in the forward grid, K/V heads in the backward).
+  int grid_batch0 = 0;
+  int grid_head0 = 0;
 };
 
 // The backward pass reads the forward's q, k, v, o and lse (AttnParams) and

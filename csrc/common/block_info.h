@@ -2,8 +2,8 @@
 //
 // Where one batch element's rows live, and how many there are. Every kernel
 // family asks this struct for row offsets instead of computing
-// `b * batch_stride` itself, so that varlen (cu_seqlens) and kv-cache
-// (seqused_k) layouts change one place.
+// `b * batch_stride` itself, so that a new row layout (varlen cu_seqlens
+// today) changes one place.
 #pragma once
 
 #include "params.h"
@@ -72,10 +72,6 @@ struct BlockInfo {
     } else {
       k_row_start = 0;
       seqlen_k = p.seqlen_k;
-    }
-    if (p.seqused_k != nullptr) {
-      const int used = p.seqused_k[bidb];
-      seqlen_k = used < 0 ? 0 : (used < seqlen_k ? used : seqlen_k);
     }
   }
 

@@ -1,7 +1,7 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
-#include "varlen.h"
+#include "uncovered_rows.h"
 
-#include "block_info.h"
+#include "../common/block_info.h"
 
 namespace jax_flash {
 

@@ -8,7 +8,7 @@
 
 #include <cmath>
 
-#include "../cute_utils.h"
+#include "cute_utils.h"
 
 namespace jax_flash::fwd {
 

@@ -12,7 +12,7 @@
 //      and writes dK * scale, dV once at the end,
 //   3. convert: dQ = scale * sum over splits of dQ_accum, in the input dtype.
 // Deterministic mode fixes the order of every dQ addition, in one of two ways
-// (jax_flash/flash_attn.py _dq_accum_plan picks):
+// (the host plan picks: csrc/host/plan.cc):
 //  - slices: fewer blocks than K/V tiles; block x handles tiles x,
 //    x + gridDim.x, ... and adds into its own slice ("split") of the
 //    accumulator, so every accumulator element has exactly one writing
@@ -35,14 +35,15 @@
 
 #include <cute/tensor.hpp>
 
-#include "../block_info.h"
-#include "../cute_utils.h"
-#include "../mask.h"
-#include "../params.h"
-#include "../score_mods.h"
-#include "../segments.h"
+#include "../common/block_info.h"
+#include "../common/cute_utils.h"
+#include "../common/mask.h"
+#include "../common/params.h"
+#include "../common/score_mods.h"
+#include "../common/segments.h"
+#include "../common/variants.h"
 #include "api.h"
-#include "kernel_traits.h"
+#include "bwd_traits.h"
 
 namespace jax_flash::bwd {
 
@@ -673,13 +674,15 @@ __device__ void attn_bwd_tile(const AttnBwdParams& p, const int n_block, const i
   store(sV, static_cast<Element*>(p.dv_ptr) + dv_off, p.dv_row_stride);
 }
 
-// Grid: (K/V tiles, or accumulator splits with slices; nheads_k; batch).
+// Grid: (K/V tiles, or accumulator splits with slices; nheads_k; batch), offset
+// by params.grid_head0/grid_batch0 (both 0 in ordered mode: one grid).
 template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attn_bwd_kernel(const __grid_constant__ AttnBwdParams params) {
   const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   int split = params.deterministic ? blockIdx.x : 0;
-  int n_first = blockIdx.x, n_stride = gridDim.x, bidb = blockIdx.z, bidh_k = blockIdx.y;
+  int n_first = blockIdx.x, n_stride = gridDim.x;
+  int bidb = params.grid_batch0 + blockIdx.z, bidh_k = params.grid_head0 + blockIdx.y;
   if (kOrderable<kIsLocal, kHasMods, kHasDropout, kHasSegs> && params.dq_semaphore_ptr != nullptr) {
     // Ordered mode: a block's (K/V tile, head, batch) is the ticket it draws
     // when it starts, K/V tile slowest. The tiles a block waits for then

@@ -7,9 +7,11 @@
 
 #include <type_traits>
 
-#include "../params.h"
-#include "kernel.h"
-#include "kernel_traits.h"
+#include "../common/launch.h"
+#include "../common/params.h"
+#include "api.h"
+#include "fwd_kernel.h"
+#include "fwd_traits.h"
 
 namespace jax_flash::fwd {
 
@@ -30,26 +32,15 @@ template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool 
           bool kFixedOffset>
 cudaError_t launch_fwd_kernel(const AttnParams& params, cudaStream_t stream) {
   const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const dim3 grid(num_m_blocks, params.nheads, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &attn_fwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs, kFixedOffset>;
-  if constexpr (kSmem >= 48 * 1024) {
-    // Beyond 48 KB a kernel must opt in to dynamic shared memory, once per
-    // device: setting a function attribute on every launch would put a driver
-    // call (that can wait for the device) on the hot path.
-    constexpr int kMaxDevices = 64;
-    static bool opted_in[kMaxDevices] = {};  // racing writers both store true
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    if (device >= kMaxDevices || !opted_in[device]) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      if (err != cudaSuccess) return err;
-      if (device < kMaxDevices) opted_in[device] = true;
-    }
-  }
-  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
-  return cudaGetLastError();
+  constexpr auto kernel =
+      &attn_fwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs, kFixedOffset>;
+  const cudaError_t err = opt_in_shared_memory<kernel>(kSmem);
+  if (err != cudaSuccess) return err;
+  return launch_grids(params, num_m_blocks, params.nheads, params.batch,
+                      [&](const AttnParams& part, dim3 grid) {
+                        kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part);
+                      });
 }
 
 template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHasDropout,

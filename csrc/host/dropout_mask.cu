@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-#include "score_mods.h"
+#include "../common/dropout.h"
 
 namespace jax_flash {
 namespace {

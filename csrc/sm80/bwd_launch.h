@@ -8,10 +8,12 @@
 
 #include <algorithm>
 
-#include "../params.h"
+#include "../common/launch.h"
+#include "../common/params.h"
+#include "../common/variants.h"
 #include "api.h"
-#include "kernel.h"
-#include "kernel_traits.h"
+#include "bwd_kernel.h"
+#include "bwd_traits.h"
 
 namespace jax_flash::bwd {
 
@@ -19,10 +21,14 @@ template <typename Element, int kHeadDim, bool kIsLocal, bool kHasMods, bool kHa
           bool kHasSegs>
 cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<Element, kHeadDim>::Traits;
-  static_assert(Traits::kBlockM == kBwdBlockM, "the handler sizes the dQ accumulator");
-  // Only the plain kernel orders its dQ additions (kernel.h); the handler
-  // gives every other variant slices, and this launch refuses otherwise.
-  if (!kOrderable<kIsLocal, kHasMods, kHasDropout, kHasSegs> && params.dq_semaphore_ptr != nullptr) {
+  static_assert(Traits::kBlockM == kBwdBlockM, "the plan sizes the dQ accumulator");
+  static_assert(Traits::kBlockN >= kBwdBlockNMin, "the plan counts K/V tiles");
+  // Ordered dQ additions exist in the orderable variant only (bwd_kernel.h),
+  // with one grid (its tickets number the blocks of one launch). The plan
+  // asks for them only then; this refuses anything else.
+  if (params.dq_semaphore_ptr != nullptr &&
+      (!kOrderable<kIsLocal, kHasMods, kHasDropout, kHasSegs> || params.batch > kMaxGridYZ ||
+       params.nheads_k > kMaxGridYZ)) {
     return cudaErrorInvalidValue;
   }
   // Rows of lse's layout: (batch, nheads, seqlen_q), or (nheads, total_q).
@@ -54,21 +60,15 @@ cudaError_t launch_bwd(const AttnBwdParams& params, cudaStream_t stream) {
   // over K/V tiles; ordered (dq_semaphore_ptr set): one block per K/V tile.
   const bool slices = params.deterministic && params.dq_semaphore_ptr == nullptr;
   const int grid_x = slices ? params.dq_accum_splits : num_n_blocks;
-  const dim3 grid(grid_x, params.nheads_k, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &attn_bwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>;
-  // Opt in to > 48 KB of shared memory once per device (see fwd/launch.h).
-  constexpr int kMaxDevices = 64;
-  static bool opted_in[kMaxDevices] = {};
-  int device = 0;
-  err = cudaGetDevice(&device);
+  constexpr auto kernel = &attn_bwd_kernel<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs>;
+  err = opt_in_shared_memory<kernel>(kSmem);
   if (err != cudaSuccess) return err;
-  if (device >= kMaxDevices || !opted_in[device]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    if (device < kMaxDevices) opted_in[device] = true;
-  }
-  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+  err = launch_grids(params, grid_x, params.nheads_k, params.batch,
+                     [&](const AttnBwdParams& part, dim3 grid) {
+                       kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part);
+                     });
+  if (err != cudaSuccess) return err;
 
   const int64_t dq_chunks = rows * (params.head_dim / 8);
   const int convert_blocks = int(std::min<int64_t>((dq_chunks + 255) / 256, 65536));

@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#include "params.h"
+#include "../common/params.h"
 
 namespace jax_flash {
 

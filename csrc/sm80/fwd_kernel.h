@@ -16,14 +16,14 @@
 
 #include <cute/tensor.hpp>
 
-#include "../block_info.h"
-#include "../cute_utils.h"
-#include "../mask.h"
-#include "../params.h"
-#include "../score_mods.h"
-#include "../segments.h"
-#include "kernel_traits.h"
-#include "softmax.h"
+#include "../common/block_info.h"
+#include "../common/cute_utils.h"
+#include "../common/mask.h"
+#include "../common/params.h"
+#include "../common/score_mods.h"
+#include "../common/segments.h"
+#include "../common/softmax.h"
+#include "fwd_traits.h"
 
 namespace jax_flash::fwd {
 
@@ -307,15 +307,16 @@ __device__ __forceinline__ void attn_fwd_tile(const AttnParams& p, const int m_b
   }
 }
 
-// Grid: (Q tiles, nheads, batch). Local/causal grids run the Q tiles with the
-// most K/V work first, which evens out the tail of the launch.
+// Grid: (Q tiles, nheads, batch), offset by params.grid_head0/grid_batch0.
+// Local/causal grids run the Q tiles with the most K/V work first, which
+// evens out the tail of the launch.
 template <typename Traits, bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs,
           bool kFixedOffset>
 __global__ void __launch_bounds__(Traits::kNThreads)
     attn_fwd_kernel(const __grid_constant__ AttnParams params) {
   const int m_block = kIsLocal || kHasSegs ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   attn_fwd_tile<Traits, kIsLocal, kHasMods, kHasDropout, kHasSegs, kFixedOffset>(
-      params, m_block, blockIdx.z, blockIdx.y);
+      params, m_block, params.grid_batch0 + blockIdx.z, params.grid_head0 + blockIdx.y);
 }
 
 }  // namespace jax_flash::fwd
