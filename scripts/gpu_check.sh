@@ -20,7 +20,7 @@ rc=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-# A warm machine may still hold this exact build: skip it then.
+# This exact tree may already be built and installed (stamp file): skip it then.
 stamp="$(cd "$repo" && find csrc jax_flash CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | sort | xargs cat | md5sum) ${JAX_FLASH_CUDA_ARCHS:-} ${JAX_FLASH_HEADDIMS:-}"
 if has build && [ -f /tmp/jax_flash_build.stamp ] && [ "$(cat /tmp/jax_flash_build.stamp)" == "$stamp" ] &&
    (cd /tmp && $PY -c "import jax_flash._C") 2>/dev/null; then
@@ -50,27 +50,6 @@ fi
 if has test; then
   $PY -m pytest -q "$repo/tests" -n ${PYTEST_WORKERS:-12} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-fi
-if has profile; then
-  # Same shape through both implementations; one launch of each kernel is
-  # profiled (PROFILE_MODE fwd or bwd).
-  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-  mode=${PROFILE_MODE:-fwd}
-  kernels="regex:attn_${mode}_kernel|flash_${mode}"
-  [ "$mode" = bwd ] && kernels="regex:attn_bwd_kernel|flash_bwd_dq_dk_dv"
-  for d in ${PROFILE_HEADDIMS:-128}; do
-    for impl in jax torch; do
-      $ncu --clock-control none -k "$kernels" --launch-skip 2 --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-        --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis --print-details all \
-        $PY "$repo/scripts/profile_attention.py" $impl $d $mode > "$OUT/ncu_${mode}_${impl}_d$d.txt" 2>&1
-      grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Executed Instructions  |Stall [A-Z]|Local Memory|Block Limit Shared" \
-        "$OUT/ncu_${mode}_${impl}_d$d.txt" | sed "s/^/[$mode $impl d=$d] /"
-    done
-  done
-fi
-if has timing; then
-  for d in ${PROFILE_HEADDIMS:-128}; do $PY "$repo/scripts/profile_attention.py" jax $d time 2>&1 | grep -E "median"; done
 fi
 if has bench; then
   $PY "$repo/benchmarks/bench_attention.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: build (sm_90; JAX_FLASH_HEADDIMS narrows it; skipped when a
-# warm machine already holds this tree's build), then the steps STEPS names,
+# One run: build (sm_90; JAX_FLASH_HEADDIMS narrows it; skipped when this
+# machine already holds this tree's build), then the steps STEPS names,
 # in order. Logs and JSON land in $OUT.
 #   mods       modifier GPU tests + API tests
 #   varlen     varlen / segment-id GPU and CPU tests + API tests
@@ -14,7 +14,7 @@
 #              (BREAKDOWN: "batch,seqlen,nheads,head_dim ..." shapes)
 #   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
 #              backward main kernels of one training step (BREAKDOWN shapes)
-#   keep       copies the built extension to $OUT, for a later call's carry
+#   keep       copies the built extension to $OUT, to reuse in a later run
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export OUT=${OUT:-/tmp/jax_flash_out}
