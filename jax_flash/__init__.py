@@ -5,16 +5,17 @@ plain-JAX reference (`jax_flash.reference`) on every other backend.
 """
 
 from jax_flash import reference
-from jax_flash._ffi import compiled_head_dims, has_kernels
+from jax_flash._src.extension import compiled_head_dims, has_kernels
 from jax_flash.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
+)
+from jax_flash.padding import pad_input, unpad_input
+from jax_flash.varlen import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
-    pad_input,
-    unpad_input,
 )
 
 __all__ = [

@@ -26,6 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flash._src import validate
+# The dropout RNG lives in _src/dropout.py (shared with the kernels' path);
+# these names stay public here.
+from jax_flash._src.dropout import (  # noqa: F401
+    dropout_keep_mask,
+    dropout_rng,
+    dropout_threshold,
+    philox4x32_10,
+)
+
 __all__ = [
     "attention_probs",
     "attention_ref",
@@ -48,10 +58,6 @@ def _low_precision(dtype):
     """Matmul precision of the upcast=False path: the input dtype's own. float32
     inputs get true float32 (GPUs would otherwise round them to TF32)."""
     return _HIGHEST if dtype == jnp.float32 else None
-
-
-def _fail(name, expected, actual):
-    raise ValueError(f"{name}: expected {expected}, got {actual}")
 
 
 def _relative_positions(seqlen_q, seqlen_k, key_lengths=None, query_lengths=None,
@@ -141,41 +147,6 @@ def segment_positions(q_segment_ids, kv_segment_ids):
     k_last = jnp.max(jnp.where(same, k_index, -1), axis=-1)
     q_last = jnp.max(jnp.where(same_q, q_index, -1), axis=-1)
     return same[:, None], (k_last - q_last).astype(jnp.int32)
-
-
-def _check_window(window_size):
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
-        _fail("window_size", "a (left, right) pair of ints", repr(window_size))
-    left, right = (int(w) for w in window_size)
-    return left, right
-
-
-def _check_alibi(alibi_slopes, batch, nheads):
-    """Returns float32 slopes of shape ``(batch or 1, nheads)`` or None."""
-    if alibi_slopes is None:
-        return None
-    alibi_slopes = jnp.asarray(alibi_slopes, dtype=jnp.float32)
-    if alibi_slopes.shape == (nheads,):
-        return alibi_slopes[None, :]
-    if alibi_slopes.shape == (batch, nheads):
-        return alibi_slopes
-    _fail("alibi_slopes", f"shape ({nheads},) or ({batch}, {nheads})", f"shape {alibi_slopes.shape}")
-
-
-def _check_qkv(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            _fail(name, "a 4-D array (batch, seqlen, nheads, headdim)", f"shape {x.shape}")
-    batch, _, nheads, headdim = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        _fail("k/v", f"batch {batch} (from q)", f"k batch {k.shape[0]}, v batch {v.shape[0]}")
-    if k.shape[:3] != v.shape[:3]:
-        _fail("v", f"(batch, seqlen_k, nheads_k) = {k.shape[:3]} (from k)", f"{v.shape[:3]}")
-    if k.shape[3] != headdim:
-        _fail("k", f"headdim {headdim} (from q)", f"headdim {k.shape[3]}")
-    nheads_k = k.shape[2]
-    if nheads_k == 0 or nheads % nheads_k != 0:
-        _fail("k", f"nheads_k dividing nheads={nheads}", f"nheads_k={nheads_k}")
 
 
 def _scores(q, k, *, softmax_scale, causal, window_size, softcap, alibi_slopes, segment_mask,
@@ -281,7 +252,9 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
       softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``
         (applied before ALiBi and masking).
       alibi_slopes: float32 ``(nheads,)`` or ``(batch, nheads)``; adds
-        ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scores.
+        ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scores. Differentiable
+        here (a plain JAX function); the public ``flash_attn_*`` functions
+        treat the slopes as constants on every backend (zero gradient).
       dropout_p: dropout probability in ``[0, 1)``. Requires dropout_mask when
         > 0 (the reference has no RNG). The mask is ignored when 0.
       dropout_mask: bool ``(batch, nheads, seqlen_q, seqlen_k)``, True = keep.
@@ -299,60 +272,27 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
       lse: float32 ``(batch, nheads, seqlen_q)``; ``+inf`` for empty rows.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    _check_qkv(q, k, v)
+    validate.ref_qkv(q, k, v)
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k = k.shape[1]
-    window_size = _check_window(window_size)
+    window_size = validate.ref_window(window_size)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(headdim)
-    if softcap < 0:
-        _fail("softcap", "a value >= 0", softcap)
-    alibi = _check_alibi(alibi_slopes, batch, nheads)
-
-    if not 0.0 <= dropout_p < 1.0:
-        _fail("dropout_p", "a value in [0, 1)", dropout_p)
-    if dropout_p > 0:
-        if dropout_mask is None:
-            _fail("dropout_mask", "a boolean keep-mask when dropout_p > 0 "
-                  "(the reference has no RNG)", None)
-        dropout_mask = jnp.asarray(dropout_mask)
-        expected = (batch, nheads, seqlen_q, seqlen_k)
-        if dropout_mask.shape != expected:
-            _fail("dropout_mask", f"shape {expected}", f"shape {dropout_mask.shape}")
-        if dropout_mask.dtype != jnp.bool_:
-            _fail("dropout_mask", "dtype bool", f"dtype {dropout_mask.dtype}")
-
-    segment_mask = None
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        _fail("q_segment_ids/kv_segment_ids", "both or neither",
-              f"q_segment_ids={'set' if q_segment_ids is not None else None}, "
-              f"kv_segment_ids={'set' if kv_segment_ids is not None else None}")
-    if q_segment_ids is not None:
-        q_seg, kv_seg = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
-        if q_seg.shape != (batch, seqlen_q):
-            _fail("q_segment_ids", f"shape {(batch, seqlen_q)}", f"shape {q_seg.shape}")
-        if kv_seg.shape != (batch, seqlen_k):
-            _fail("kv_segment_ids", f"shape {(batch, seqlen_k)}", f"shape {kv_seg.shape}")
-        segment_mask, row_shift = segment_positions(q_seg, kv_seg)
-    else:
-        row_shift = None
+    validate.ref_softcap(softcap)
+    alibi = validate.ref_alibi(alibi_slopes, batch, nheads)
+    dropout_mask = validate.ref_dropout(dropout_p, dropout_mask,
+                                        (batch, nheads, seqlen_q, seqlen_k))
+    segment_mask = row_shift = None
+    segments = validate.ref_segment_ids(q_segment_ids, kv_segment_ids, batch, seqlen_q,
+                                        seqlen_k)
+    if segments is not None:
+        # Compared in the ids' own dtype (equality only): int64 ids stay exact.
+        segment_mask, row_shift = segment_positions(*segments)
 
     return _attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
                       window_size=window_size, softcap=float(softcap), alibi_slopes=alibi,
                       dropout_p=float(dropout_p), dropout_mask=dropout_mask,
                       segment_mask=segment_mask, row_shift=row_shift, upcast=upcast)
-
-
-def _concrete_cu_seqlens(name, cu_seqlens, total):
-    try:
-        cu = np.asarray(cu_seqlens)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        _fail(name, "a concrete (non-traced) array", "a traced value")
-    if cu.ndim != 1 or cu.shape[0] < 1 or not np.issubdtype(cu.dtype, np.integer):
-        _fail(name, "a 1-D integer array of shape (batch + 1,)", f"shape {cu.shape} dtype {cu.dtype}")
-    if cu[0] != 0 or cu[-1] != total or np.any(np.diff(cu) < 0):
-        _fail(name, f"non-decreasing prefix sums from 0 to {total}", cu.tolist())
-    return cu.astype(np.int64)
 
 
 def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=None,
@@ -376,16 +316,13 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=N
       lse: float32 ``(nheads, total_q)``.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 3:
-            _fail(name, "a 3-D array (total, nheads, headdim)", f"shape {x.shape}")
-    _check_qkv(q[None], k[None], v[None])
-    cu_q = _concrete_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    cu_k = _concrete_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    validate.ref_varlen_qkv(q, k, v)
+    cu_q = validate.ref_concrete_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = validate.ref_concrete_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if cu_q.shape != cu_k.shape:
-        _fail("cu_seqlens_k", f"shape {cu_q.shape} (from cu_seqlens_q)", f"shape {cu_k.shape}")
+        validate.fail("cu_seqlens_k", f"shape {cu_q.shape} (from cu_seqlens_q)", f"shape {cu_k.shape}")
     batch, nheads = cu_q.shape[0] - 1, q.shape[1]
-    alibi = _check_alibi(alibi_slopes, batch, nheads)
+    alibi = validate.ref_alibi(alibi_slopes, batch, nheads)
 
     outs, lses = [], []
     for b in range(batch):
@@ -452,6 +389,8 @@ def attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
       max_seqlen_q, max_seqlen_k: static ints.
       dropout_mask: bool ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` in
         per-sequence coordinates, True = keep; needed when dropout_p > 0.
+        Only its first ``min(max_seqlen, total)`` rows / columns are read, so
+        a mask of that smaller shape is accepted too.
       Other arguments: as in ``attention_ref``; alibi_slopes is ``(nheads,)``
         or ``(batch, nheads)``.
 
@@ -465,14 +404,20 @@ def attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     batch = jnp.shape(cu_seqlens_q)[0] - 1
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(headdim)
-    index_q, valid_q, len_q = varlen_rows(cu_seqlens_q, max_seqlen_q, total_q)
-    index_k, valid_k, len_k = varlen_rows(cu_seqlens_k, max_seqlen_k, total_k)
+    # A sequence never has more rows than its buffer: padding to the buffer's
+    # rows when they are fewer than max_seqlen is the same computation, with
+    # memory following the real lengths (max_seqlen may be a loose bound).
+    pad_q, pad_k = min(max_seqlen_q, total_q), min(max_seqlen_k, total_k)
+    index_q, valid_q, len_q = varlen_rows(cu_seqlens_q, pad_q, total_q)
+    index_k, valid_k, len_k = varlen_rows(cu_seqlens_k, pad_k, total_k)
+    if dropout_mask is not None and dropout_p > 0:
+        dropout_mask = jnp.asarray(dropout_mask)[:, :, :pad_q, :pad_k]
 
     out, lse = _attention(
         varlen_gather(q, index_q, valid_q), varlen_gather(k, index_k, valid_k),
         varlen_gather(v, index_k, valid_k),
-        softmax_scale=softmax_scale, causal=causal, window_size=_check_window(window_size),
-        softcap=float(softcap), alibi_slopes=_check_alibi(alibi_slopes, batch, nheads),
+        softmax_scale=softmax_scale, causal=causal, window_size=validate.ref_window(window_size),
+        softcap=float(softcap), alibi_slopes=validate.ref_alibi(alibi_slopes, batch, nheads),
         dropout_p=float(dropout_p), dropout_mask=dropout_mask, key_lengths=len_k,
         query_lengths=len_q, upcast=upcast)
     if total_q == 0:
@@ -513,23 +458,18 @@ def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
         caches' dtypes (the inputs unchanged if no k_new).
     """
     q, k_cache, v_cache = jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache)
-    _check_qkv(q, k_cache, v_cache)
+    validate.ref_qkv(q, k_cache, v_cache)
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_cache, nheads_k = k_cache.shape[1], k_cache.shape[2]
-    cache_seqlens = jnp.asarray(cache_seqlens)
-    if cache_seqlens.shape != (batch,) or not jnp.issubdtype(cache_seqlens.dtype, jnp.integer):
-        _fail("cache_seqlens", f"an integer array of shape ({batch},)",
-              f"shape {cache_seqlens.shape} dtype {cache_seqlens.dtype}")
-    cache_seqlens = cache_seqlens.astype(jnp.int32)
-    window_size = _check_window(window_size)
+    cache_seqlens = validate.ref_cache_seqlens(cache_seqlens, batch)
+    window_size = validate.ref_window(window_size)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(headdim)
-    if softcap < 0:
-        _fail("softcap", "a value >= 0", softcap)
-    alibi = _check_alibi(alibi_slopes, batch, nheads)
+    validate.ref_softcap(softcap)
+    alibi = validate.ref_alibi(alibi_slopes, batch, nheads)
 
     if (k_new is None) != (v_new is None):
-        _fail("k_new/v_new", "both or neither",
+        validate.fail("k_new/v_new", "both or neither",
               f"k_new={'set' if k_new is not None else None}, "
               f"v_new={'set' if v_new is not None else None}")
     seqlen_new = 0
@@ -539,7 +479,7 @@ def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
         for name, x, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
             expected = (batch, seqlen_new, nheads_k, cache.shape[3])
             if x.ndim != 4 or x.shape != expected:
-                _fail(name, f"shape {expected}", f"shape {x.shape}")
+                validate.fail(name, f"shape {expected}", f"shape {x.shape}")
         try:
             concrete = np.asarray(cache_seqlens)
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -547,7 +487,7 @@ def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
         if concrete is not None:
             max_len = int(np.max(concrete, initial=0)) + seqlen_new
             if max_len > seqlen_cache:
-                _fail("cache_seqlens", f"cache_seqlens + seqlen_new <= seqlen_cache={seqlen_cache}",
+                validate.fail("cache_seqlens", f"cache_seqlens + seqlen_new <= seqlen_cache={seqlen_cache}",
                       f"max cache_seqlens + seqlen_new = {max_len}")
         if seqlen_new > 0:
             # Position p of the cache takes k_new[p - cache_seqlens[b]] when in range.
@@ -568,97 +508,6 @@ def kvcache_ref(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
     return out, lse, k_cache, v_cache
 
 
-# ---- Dropout RNG ---------------------------------------------------------------
-# The kernels' dropout mask (csrc/score_mods.h) in plain JAX, bit for bit, so
-# that the reference, the CPU path and the GPU kernels drop the same entries.
-
-_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
-
-
-def _mulhilo32(a: int, b):
-    """(hi, lo) 32-bit halves of the 64-bit product of constant a and uint32 b."""
-    b = b.astype(jnp.uint32)
-    lo = b * jnp.uint32(a)
-    a0, a1 = jnp.uint32(a & 0xFFFF), jnp.uint32(a >> 16)
-    b0, b1 = b & jnp.uint32(0xFFFF), b >> jnp.uint32(16)
-    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1  # each < 2^32
-    mid = (p00 >> 16) + (p01 & 0xFFFF) + (p10 & 0xFFFF)  # < 3 * 2^16
-    hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
-    return hi, lo
-
-
-def philox4x32_10(counter, key):
-    """Philox-4x32 with 10 rounds (Salmon et al., SC 2011).
-
-    Args:
-      counter: four uint32 arrays (broadcastable to each other).
-      key: two uint32 arrays.
-
-    Returns:
-      Four uint32 arrays: the random words.
-    """
-    c0, c1, c2, c3 = (jnp.asarray(c, jnp.uint32) for c in counter)
-    k0, k1 = (jnp.asarray(k, jnp.uint32) for k in key)
-    for _ in range(10):
-        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c0)
-        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + jnp.uint32(_PHILOX_WEYL[0])
-        k1 = k1 + jnp.uint32(_PHILOX_WEYL[1])
-    return c0, c1, c2, c3
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """An entry is dropped when its 16-bit random number is below this:
-    ``round(dropout_p * 65536)``, so dropout_p is honoured to 2^-17."""
-    return int(np.rint(np.float64(np.float32(dropout_p)) * 65536.0))
-
-
-def dropout_rng(key, batch: int):
-    """The kernels' per-batch-element RNG state from a JAX PRNG key.
-
-    Returns uint32 ``(batch, 4)``: the key's 64-bit seed (two words drawn with
-    ``jax.random.bits``), the batch index and 0. The batch index is part of
-    every counter, so the elements of a batch get independent masks; under
-    ``vmap`` with per-example keys each example gets its own seed.
-    """
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    index = jnp.arange(batch, dtype=jnp.uint32)
-    return jnp.stack([jnp.broadcast_to(seed[0], (batch,)), jnp.broadcast_to(seed[1], (batch,)),
-                      index, jnp.zeros_like(index)], axis=-1)
-
-
-def dropout_keep_mask(rng, nheads: int, seqlen_q: int, seqlen_k: int, dropout_p: float):
-    """Which attention probabilities survive dropout, as the kernels draw them.
-
-    Entries are grouped in 16 x 16 blocks. Entry ``(i, j)`` of head ``h`` and
-    batch element ``b`` takes 16 bits of the Philox-4x32-10 call with counter
-    ``(j // 16, (i // 16) * 32 + lane, h, rng[b, 2])`` and key ``rng[b, :2]``,
-    where ``lane = (i % 8) * 4 + (j % 8) // 2``; the bits are number
-    ``slot = ((i % 16) // 8) * 4 + ((j % 16) // 8) * 2 + j % 2`` of the eight
-    16-bit halves of the 128-bit result (low half of a word first). The entry
-    is kept when that number is ``>= dropout_threshold(dropout_p)``.
-
-    Args:
-      rng: uint32 ``(batch, 4)`` from ``dropout_rng``.
-
-    Returns:
-      bool ``(batch, nheads, seqlen_q, seqlen_k)``, True = kept.
-    """
-    rng = jnp.asarray(rng, jnp.uint32)
-    i = jnp.arange(seqlen_q, dtype=jnp.uint32)[None, None, :, None]
-    j = jnp.arange(seqlen_k, dtype=jnp.uint32)[None, None, None, :]
-    h = jnp.arange(nheads, dtype=jnp.uint32)[None, :, None, None]
-    seed0, seed1, index = (rng[:, w][:, None, None, None] for w in range(3))
-    lane = (i % 8) * 4 + (j % 8) // 2
-    words = philox4x32_10((j // 16, (i // 16) * 32 + lane, h, index), (seed0, seed1))
-    slot = ((i % 16) // 8) * 4 + ((j % 16) // 8) * 2 + j % 2
-    word = jnp.select([slot // 2 == w for w in range(3)], list(words[:3]), words[3])
-    bits = jnp.where(slot % 2 == 1, word >> 16, word & jnp.uint32(0xFFFF))
-    return bits >= jnp.uint32(dropout_threshold(dropout_p))
-
-
 def attention_probs(q, k, lse, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, key_lengths=None, query_lengths=None,
                     q_segment_ids=None, kv_segment_ids=None):
@@ -677,7 +526,7 @@ def attention_probs(q, k, lse, *, softmax_scale=None, causal=False, window_size=
       on rows with ``lse = +inf``.
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
-    _check_qkv(q, k, k)
+    validate.ref_qkv(q, k, k)
     batch, _, nheads, headdim = q.shape
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(headdim)
@@ -687,8 +536,8 @@ def attention_probs(q, k, lse, *, softmax_scale=None, causal=False, window_size=
     if q_segment_ids is not None:
         segment_mask, row_shift = segment_positions(q_segment_ids, kv_segment_ids)
     scores = _scores(q.astype(jnp.float32), k, softmax_scale=softmax_scale, causal=causal,
-                     window_size=_check_window(window_size), softcap=float(softcap),
-                     alibi_slopes=_check_alibi(alibi_slopes, batch, nheads),
+                     window_size=validate.ref_window(window_size), softcap=float(softcap),
+                     alibi_slopes=validate.ref_alibi(alibi_slopes, batch, nheads),
                      segment_mask=segment_mask, key_lengths=key_lengths, upcast=True,
                      query_lengths=query_lengths, row_shift=row_shift)
     lse = jnp.asarray(lse, jnp.float32)[..., None]

@@ -173,25 +173,24 @@ def test_grad_matches_reference():
     (8192, 2, 16, {}, (1, True)),
     (4096, 4, 16, {}, (2, False)),  # two slices or fewer: slices
     (2048, 8, 16, {}, (1, False)),
-    (16384, 1, 16, {"window_right": 0}, (8, False)),  # causal
-    (16384, 1, 16, {"window_left": 100}, (8, False)),
+    (16384, 1, 16, {"local": True}, (8, False)),  # causal / a window
     (16384, 1, 16, {"segments": True}, (8, False)),
-    (16384, 1, 16, {"softcap": 30.0}, (8, False)),
+    (16384, 1, 16, {"softcap": True}, (8, False)),
     (16384, 1, 16, {"alibi": True}, (8, False)),
     (16384, 1, 16, {"dropout": True}, (8, False)),
     (16384, 1, 16, {"deterministic": False}, (1, False)),
 ])
-def test_deterministic_backward_plan(monkeypatch, seqlen_k, batch, nheads_k, options, expected):
-    # Which deterministic backward runs (csrc/bwd/kernel.h): only the plain
-    # kernel can order its dQ additions, and the handler refuses the others
-    # an ordered plan, so the policy must never pick it for them.
-    from jax_flash import _ffi, flash_attn
-    monkeypatch.setattr(_ffi, "num_sms", lambda: 132)
-    static = flash_attn._Static(
-        1.0, options.get("window_left", -1), options.get("window_right", -1),
-        deterministic=options.get("deterministic", True), softcap=options.get("softcap", 0.0),
-        segments=options.get("segments", False))
-    mods = flash_attn._Mods.of(
-        alibi=jnp.ones((batch, 16)) if options.get("alibi") else None,
-        rng=jnp.ones((batch, 4), jnp.uint32) if options.get("dropout") else None)
-    assert flash_attn._dq_accum_plan(batch, nheads_k, seqlen_k, static, mods) == expected
+def test_deterministic_backward_plan(seqlen_k, batch, nheads_k, options, expected):
+    # Which deterministic backward runs (csrc/bwd/kernel.h, asked through
+    # _C.plan): only the plain kernel can order its dQ additions, and the
+    # handler refuses the others an ordered plan, so the policy must never
+    # pick it for them.
+    from jax_flash._src import extension, plan
+    if not extension.has_kernels():
+        pytest.skip("needs the compiled extension (_C.plan)")
+    p = plan.plan_for(
+        batch, 128, seqlen_k, 16, nheads_k, extension.compiled_head_dims()[0], -1,
+        options.get("local", False), options.get("softcap", False), options.get("alibi", False),
+        options.get("dropout", False), options.get("segments", False),
+        options.get("deterministic", True), 132)
+    assert (p.dq_accum_splits, p.dq_ordered) == expected

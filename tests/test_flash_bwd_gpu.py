@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import jax_flash
-from jax_flash import flash_attn, reference
+from jax_flash import reference
+from jax_flash._src import extension, plan
 
 from gpu_grid import DTYPES, HEAD_DIMS, HEADS, SEQLENS, requires_gpu, skip_if_not_compiled
 
@@ -106,9 +107,11 @@ def test_backward_large_inputs_stay_finite(seqlen, head_dim):
 def test_deterministic_backward_bit_identical(batch, seqlens, heads, head_dim, causal):
     skip_if_not_compiled(head_dim)
     # Each case runs the mode its comment says (test_api's plan test has the rule).
-    static = flash_attn._Static(1.0, -1, 0 if causal else -1, deterministic=True)
-    _, ordered = flash_attn._dq_accum_plan(batch, heads[1], seqlens[1], static,
-                                           flash_attn._Mods.of())
+    if not extension.has_kernels():
+        pytest.skip("needs the compiled extension (_C.plan)")
+    ordered = plan.plan_for(batch, seqlens[0], seqlens[1], heads[0], heads[1], head_dim, -1,
+                            causal, False, False, False, False, True,
+                            extension.num_sms()).dq_ordered
     assert ordered == (not causal)
     q, k, v, d_out = _inputs(23, batch, *seqlens, heads, head_dim, jnp.bfloat16)
     f = jax.jit(lambda q, k, v, d: _vjp(

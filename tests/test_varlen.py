@@ -11,7 +11,7 @@ import pytest
 
 import jax_flash
 from jax_flash import reference
-from jax_flash.flash_attn import _segment_tables
+from jax_flash._src.segments import segment_tables
 
 
 def _packed(seed, lens_q, lens_k, nheads=4, nheads_k=2, head_dim=16, dtype=jnp.float32):
@@ -121,7 +121,7 @@ def test_segment_tables_describe_the_reference_mask(contiguous, window, seqlens)
     sq, sk = seqlens
     q_seg = _random_segments(rng, 2, sq, contiguous)
     kv_seg = _random_segments(rng, 2, sk, contiguous)
-    seg_q, seg_k = (np.asarray(t) for t in _segment_tables(jnp.asarray(q_seg),
+    seg_q, seg_k = (np.asarray(t) for t in segment_tables(jnp.asarray(q_seg),
                                                            jnp.asarray(kv_seg), *window))
     same, shift = reference.segment_positions(q_seg, kv_seg)
     mask = same & reference._visibility_mask(sq, sk, causal=False, window_size=window,

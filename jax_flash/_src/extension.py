@@ -1,4 +1,5 @@
-"""Loads the compiled extension and registers its XLA FFI targets, once.
+"""Loads the compiled extension `jax_flash._C` and registers its XLA FFI
+targets, once.
 
 The extension is optional at import time: a CPU-only install has none, and the
 public functions then run `jax_flash.reference`. On a GPU backend a missing or
