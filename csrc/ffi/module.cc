@@ -3,6 +3,7 @@
 // The Python extension `jax_flash._C`: FFI handler capsules for
 // jax.ffi.register_ffi_target, what the build compiled, and the kernel plan
 // (host/plan.h) that Python sizes the custom calls' outputs from.
+#include <cuda_runtime_api.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -81,6 +82,20 @@ NB_MODULE(_C, m) {
     for (int d : jax_flash::compiled_head_dims()) dims.append(d);
     return dims;
   }, "Head dims with compiled kernels; smaller ones run on the next larger one.");
+  m.def("build_info", []() {
+    nb::dict d;
+    nb::list archs, dims, variants;
+    for (int arch : {JAX_FLASH_CUDA_ARCH_LIST}) archs.append(arch);
+    for (int dim : jax_flash::compiled_head_dims()) dims.append(dim);
+    for (const char* name : jax_flash::kVariantNames) variants.append(name);
+    d["cuda_archs"] = archs;
+    d["head_dims"] = dims;
+    d["variants"] = variants;
+    d["families"] = nb::make_tuple(jax_flash::name_of(jax_flash::Family::kSm80));
+    d["cuda_version"] = CUDART_VERSION;  // the toolkit the kernels were built with
+    return d;
+  }, "What this build compiled: CUDA architectures, head dims, variants, kernel families "
+     "and the CUDA toolkit version (e.g. 13000 for 13.0).");
   m.def("plan", &Plan, nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("seqlen_k"),
         nb::arg("nheads"), nb::arg("nheads_k"), nb::arg("head_dim"), nb::arg("total_q"),
         nb::arg("local"), nb::arg("softcap"), nb::arg("alibi"), nb::arg("dropout"),

@@ -1,0 +1,85 @@
+"""The build's AUTO decision, through CMake's configure step: compile the CUDA
+kernels only where they can run (nvcc found and an NVIDIA GPU visible), for
+the visible GPUs' architectures; otherwise a CPU-only package whose
+_build.json says why. GPUs are faked with an nvidia-smi script on PATH."""
+
+import json
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("ninja") is None
+    or shutil.which("c++") is None,
+    reason="needs cmake, ninja and a C++ compiler (pip install '.[test]' brings the first two)")
+
+
+def _configure(tmp_path, *defines, gpu_caps=None, env=None):
+    """Runs cmake's configure step; returns (output, _build.json or None)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    path = os.environ.get("PATH", "")
+    # Hide any real nvidia-smi; a fake one answers for the GPUs we pretend to have.
+    path = os.pathsep.join(p for p in path.split(os.pathsep)
+                           if not (pathlib.Path(p) / "nvidia-smi").exists())
+    if gpu_caps is not None:
+        smi = bindir / "nvidia-smi"
+        smi.write_text("#!/bin/sh\n" + "".join(f"echo {c}\n" for c in gpu_caps))
+        smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    run_env = {**os.environ, "PATH": os.pathsep.join([str(bindir), path]), **(env or {})}
+    build = tmp_path / "build"
+    # The CUTLASS dir is left unfound on purpose: configure stops right after
+    # the decision when it builds CUDA, which keeps the test fast.
+    proc = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), "-G", "Ninja",
+         "-DJAX_FLASH_CUTLASS_DIR=/nonexistent", *defines],
+        env=run_env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    info = build / "_build.json"
+    return out, (json.loads(info.read_text()) if info.exists() else None)
+
+
+def test_no_gpu_gives_a_cpu_only_install_and_says_why(tmp_path):
+    out, info = _configure(tmp_path)
+    assert info is not None and info["build_cuda"] is False, out
+    assert "no CUDA kernels" in out and "JAX_FLASH_BUILD_CUDA=ON" in out
+    if shutil.which("nvcc"):
+        assert info["reason"] == "nvcc found, but nvidia-smi shows no NVIDIA GPU"
+
+
+def test_no_compiler_gives_a_cpu_only_install(tmp_path):
+    out, info = _configure(tmp_path, gpu_caps=["9.0"], env={"CUDACXX": "/bin/false"})
+    assert info["build_cuda"] is False, out
+    assert info["reason"] == "no CUDA compiler (nvcc) found"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_visible_gpus_choose_the_architectures(tmp_path):
+    out, info = _configure(tmp_path, gpu_caps=["9.0", "8.0", "9.0"])
+    assert info["build_cuda"] is True, out
+    assert info["cuda_archs"] == [90, 80]
+    assert "CUDA kernels for architectures 90;80" in out
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_explicit_architectures_win(tmp_path):
+    _, info = _configure(tmp_path, "-DJAX_FLASH_CUDA_ARCHS=80", gpu_caps=["9.0"])
+    assert info["build_cuda"] is True and info["cuda_archs"] == [80]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_on_without_a_gpu_builds_the_default_architectures(tmp_path):
+    out, info = _configure(tmp_path, "-DJAX_FLASH_BUILD_CUDA=ON")
+    assert info["build_cuda"] is True, out
+    assert info["cuda_archs"] == [80, 90]
+
+
+def test_off_wins_over_a_visible_gpu(tmp_path):
+    _, info = _configure(tmp_path, "-DJAX_FLASH_BUILD_CUDA=OFF", gpu_caps=["9.0"])
+    assert info["build_cuda"] is False and info["reason"] == "JAX_FLASH_BUILD_CUDA=OFF"
