@@ -6,6 +6,7 @@ plain-JAX reference (`jax_flash.reference`) on every other backend.
 
 from jax_flash import reference
 from jax_flash._src.extension import compiled_head_dims, has_kernels
+from jax_flash._src.info import info
 from jax_flash.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -27,6 +28,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "has_kernels",
+    "info",
     "pad_input",
     "reference",
     "unpad_input",

@@ -13,7 +13,10 @@ import functools
 import jax
 
 try:
-    from jax_flash import _C
+    # Not `from jax_flash import _C`: when _C is missing, that form reports a
+    # misleading "partially initialized module ... circular import" error;
+    # this one says "No module named 'jax_flash._C'" (kept for jax_flash.info()).
+    import jax_flash._C as _C
 except ImportError as e:  # CPU-only install, or a broken build
     _C = None
     _IMPORT_ERROR: ImportError | None = e
@@ -24,6 +27,11 @@ else:
 def has_kernels() -> bool:
     """Whether this install carries the compiled CUDA kernels."""
     return _C is not None
+
+
+def import_error() -> str | None:
+    """Why the extension did not load (the ImportError's text), or None."""
+    return None if _IMPORT_ERROR is None else str(_IMPORT_ERROR)
 
 
 def on_gpu() -> bool:
