@@ -147,7 +147,12 @@ class CudaBackend:
     def run(self, spec: AttentionSpec, xs, operands: Operands):
         extension.kernels_or_raise()
         if spec.segments:
-            tables = segment_tables(*dense_ranks(operands.seg_q, operands.seg_k), *spec.window)
+            ids = operands.seg_q, operands.seg_k
+            if max(jnp.dtype(x.dtype).itemsize for x in ids) > 4:
+                # int32 cannot hold 64-bit ids; their ranks compare the same.
+                ids = dense_ranks(*ids)
+            # Up to 32 bits the cast to int32 is one-to-one: ids stay exact.
+            tables = segment_tables(*(x.astype(jnp.int32) for x in ids), *spec.window)
             operands = operands._replace(seg_q=tables[0], seg_k=tables[1])
         return _attention(spec, tuple(xs), operands)
 
