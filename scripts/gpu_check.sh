@@ -21,7 +21,7 @@ rc=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # This exact tree may already be built and installed (stamp file): skip it then.
-stamp="$(cd "$repo" && find csrc jax_flash CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | sort | xargs cat | md5sum) ${JAX_FLASH_CUDA_ARCHS:-} ${JAX_FLASH_HEADDIMS:-}"
+stamp="$(cd "$repo" && find csrc jax_flash CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | sort | xargs cat | md5sum) ${JAX_FLASH_CUDA_ARCHS:-} ${JAX_FLASH_HEADDIMS:-} ${JAX_FLASH_LINEINFO:-}"
 if has build && [ -f /tmp/jax_flash_build.stamp ] && [ "$(cat /tmp/jax_flash_build.stamp)" == "$stamp" ] &&
    (cd /tmp && $PY -c "import jax_flash._C") 2>/dev/null; then
   echo "== build: already installed for this tree, skipped"

@@ -51,7 +51,7 @@ echo "before=$BEFORE after=$repo headdims=$JAX_FLASH_HEADDIMS archs=$JAX_FLASH_C
 
 stamp() {  # sources and build settings of one tree
   echo "$(cd "$1" && find csrc CMakeLists.txt pyproject.toml -type f 2>/dev/null | sort |
-    xargs cat | md5sum) $JAX_FLASH_CUDA_ARCHS $JAX_FLASH_HEADDIMS"
+    xargs cat | md5sum) $JAX_FLASH_CUDA_ARCHS $JAX_FLASH_HEADDIMS ${JAX_FLASH_LINEINFO:-}"
 }
 built() {  # the tree's install holds its extension and matches its stamp
   local t; t=$(target "$1")

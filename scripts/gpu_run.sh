@@ -13,7 +13,8 @@
 #   breakdown  per-kernel times of a training step under ncu
 #              (BREAKDOWN: "batch,seqlen,nheads,head_dim ..." shapes)
 #   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
-#              backward main kernels of one training step (BREAKDOWN shapes)
+#              backward main kernels of one training step (BREAKDOWN shapes);
+#              build with JAX_FLASH_LINEINFO=ON for source-level views
 #   keep       copies the built extension to $OUT, to reuse in a later run
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
