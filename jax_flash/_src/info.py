@@ -134,6 +134,12 @@ def _build_info(ext) -> dict[str, Any]:
     return out
 
 
+def _in_source_tree(package_file: str) -> bool:
+    """Whether the package was imported from a source checkout (e.g.
+    `python -m jax_flash` run in the repository root)."""
+    return (pathlib.Path(package_file).resolve().parents[1] / "CMakeLists.txt").exists()
+
+
 def _build_decision(package_file: str) -> str | None:
     """What the build decided (the _build.json CMake installs beside the
     package: whether it compiled the kernels, and why), or None when the
@@ -195,6 +201,10 @@ def info() -> dict[str, Any]:
 
     has_extension = extension._C is not None
     import_error = None if has_extension else (extension.import_error() or "unknown")
+    if not has_extension and _in_source_tree(jax_flash.__file__):
+        import_error += (" (this jax_flash is the source tree, which has no compiled "
+                         "extension; run from outside the repository root to use the "
+                         "installed package)")
     d["extension"] = has_extension
     if not has_extension:
         d["extension_error"] = import_error
