@@ -12,6 +12,7 @@ from jax_flash.flash_attn import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
 )
+from jax_flash.kvcache import flash_attn_with_kvcache
 from jax_flash.padding import pad_input, unpad_input
 from jax_flash.varlen import (
     flash_attn_varlen_func,
@@ -27,6 +28,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "has_kernels",
     "info",
     "pad_input",

@@ -40,10 +40,12 @@ __all__ = [
     "attention_probs",
     "attention_ref",
     "attention_varlen_padded",
+    "apply_rotary",
     "attention_varlen_ref",
     "dropout_keep_mask",
     "dropout_rng",
     "dropout_threshold",
+    "kvcache_attention_ref",
     "kvcache_ref",
     "philox4x32_10",
     "segment_positions",
@@ -543,3 +545,8 @@ def attention_probs(q, k, lse, *, softmax_scale=None, causal=False, window_size=
     lse = jnp.asarray(lse, jnp.float32)[..., None]
     return jnp.where(jnp.isfinite(lse), jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)),
                      0.0)
+
+
+# flash_attn_with_kvcache's reference lives in _src/kvcache_ref.py (it uses
+# _attention above, hence the import at the end).
+from jax_flash._src.kvcache_ref import apply_rotary, kvcache_attention_ref  # noqa: E402,F401

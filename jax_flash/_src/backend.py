@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_flash import reference
+from jax_flash._src import kvcache_ref
 from jax_flash._src.cuda import CudaBackend
 from jax_flash._src.spec import AttentionSpec, Operands
 
@@ -58,6 +59,9 @@ class ReferenceBackend:
         return True
 
     def run(self, spec: AttentionSpec, xs, operands: Operands):
+        if spec.layout == "kvcache":
+            # (out, lse, k_cache, v_cache); xs = (q, k_cache, v_cache, k, v).
+            return kvcache_ref.run(spec, xs, operands)
         q, k, v = _unpack(xs, spec.packing)
         opts = dict(softmax_scale=spec.softmax_scale, window_size=spec.window,
                     softcap=spec.softcap, alibi_slopes=_alibi(operands),
@@ -141,3 +145,10 @@ def run(spec: AttentionSpec, xs, operands: Operands):
     if spec.varlen:
         out, lse = out[0], lse[0]
     return (out, lse, probs) if spec.return_attn_probs else out
+
+
+def run_kvcache(spec, xs, operands):
+    """Runs a bound `flash_attn_with_kvcache` call (`_src/kvcache.bind`) on
+    the chosen backend: (out, lse, k_cache, v_cache). No kernel family
+    supports the "kvcache" layout yet, so this is the reference everywhere."""
+    return select(spec).run(spec, xs, operands)

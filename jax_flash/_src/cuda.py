@@ -142,7 +142,9 @@ class CudaBackend:
     def supports(self, spec: AttentionSpec, platform: str) -> bool:
         # Every spec on a GPU: a missing extension is an error there
         # (kernels_or_raise), never a silent fallback to the reference.
-        return platform == "gpu"
+        # The kvcache layout has no kernels yet (split-KV / paged pending):
+        # it runs the reference on GPUs too.
+        return platform == "gpu" and spec.layout != "kvcache"
 
     def run(self, spec: AttentionSpec, xs, operands: Operands):
         extension.kernels_or_raise()
