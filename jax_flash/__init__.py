@@ -13,6 +13,7 @@ from jax_flash.flash_attn import (
     flash_attn_qkvpacked_func,
 )
 from jax_flash.kvcache import flash_attn_with_kvcache
+from jax_flash.nn import attention
 from jax_flash.padding import pad_input, unpad_input
 from jax_flash.varlen import (
     flash_attn_varlen_func,
@@ -21,6 +22,7 @@ from jax_flash.varlen import (
 )
 
 __all__ = [
+    "attention",
     "compiled_head_dims",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
