@@ -44,7 +44,7 @@ import numpy as np
 
 from jax_flash._src import extension
 from jax_flash._src import segments as segments_lib
-from jax_flash._src.backend import select
+from jax_flash._src.backend import attention as attention_call, select
 from jax_flash._src.spec import bind
 from jax_flash._src.validate import MAX_HEAD_DIM
 
@@ -289,7 +289,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         causal=False, window_size=win, softcap=logits_soft_cap or 0.0, alibi_slopes=None,
         deterministic=False, return_attn_probs=False, dropout_key=dropout_rng,
         segment_ids=ids)
-    out, lse = select(spec).run(spec, xs, operands)
+    out, lse = attention_call(select(spec), spec, xs, operands)
     out, lse = out[:, :T], lse[..., :T]
 
     # jax.nn's rows without a key: uniform softmax over all S keys (its mask

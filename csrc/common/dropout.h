@@ -72,13 +72,16 @@ struct Dropout {
   __device__ __forceinline__ Dropout(const AttnParams& p, int bidb, int bidh) {
     threshold = p.dropout_threshold;
     enabled = p.rng_ptr != nullptr;
+    head = bidh;
     if (enabled) {
-      // rng: (batch, 4) uint32 = (seed lo, seed hi, batch index, unused).
+      // rng: (batch, 4) uint32 = (seed lo, seed hi, global batch index,
+      // global index of head 0): a shard of a call split over heads passes
+      // its first head, so each shard draws the unsplit call's mask.
       const uint4 rng = reinterpret_cast<const uint4*>(p.rng_ptr)[bidb];
       seed = make_uint2(rng.x, rng.y);
       batch_index = rng.z;
+      head += rng.w;
     }
-    head = bidh;
   }
   __device__ __forceinline__ bool on() const { return enabled; }
 

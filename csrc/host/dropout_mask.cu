@@ -18,7 +18,8 @@ __global__ void dropout_mask_kernel(const uint32_t* rng, uint8_t* keep, int64_t 
     const int head = int((i / (int64_t(seqlen_k) * seqlen_q)) % nheads);
     const int64_t b = i / (int64_t(seqlen_k) * seqlen_q * nheads);
     const uint4 r = reinterpret_cast<const uint4*>(rng)[b];
-    keep[i] = dropout_keep(make_uint2(r.x, r.y), r.z, head, row, col, threshold);
+    // r.w: the first global head of a head-sharded call (0 otherwise).
+    keep[i] = dropout_keep(make_uint2(r.x, r.y), r.z, r.w + head, row, col, threshold);
   }
 }
 

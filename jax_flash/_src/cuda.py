@@ -1,5 +1,6 @@
-"""The CUDA backend: jax_flash's kernels through XLA FFI custom calls, with a
-custom_vjp whose backward runs the backward kernels.
+"""The CUDA backend: jax_flash's forward and backward kernels through XLA
+FFI custom calls (`backend.py` makes them one differentiable, partitioned
+call).
 
 The FFI contract (targets, operand order, attribute names and types) is
 csrc's: jax_flash_fwd{,_kvpacked,_qkvpacked}(*xs, alibi, rng, cu_seqlens_q,
@@ -11,8 +12,6 @@ dropout_threshold). Sizes come from the kernel plan (`plan.py`).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,13 +64,6 @@ def _score_attrs(spec: AttentionSpec) -> dict:
     )
 
 
-def _vmap_method(spec: AttentionSpec) -> str:
-    # Extra leading (vmapped) dims fold into the kernel's batch; varlen
-    # buffers carry their sequences in cu_seqlens instead, so a vmapped
-    # varlen call runs once per element.
-    return "sequential" if spec.varlen else "broadcast_all"
-
-
 def _fwd_kernel(spec: AttentionSpec, xs, operands: Operands):
     """(out, lse) from our CUDA kernel, reading the packed inputs in place."""
     xs = _pad_head_dim(plan_lib.plan(spec).head_dim_padded, *xs)
@@ -82,7 +74,7 @@ def _fwd_kernel(spec: AttentionSpec, xs, operands: Operands):
         jax.ShapeDtypeStruct((*lead, nheads, seqlen_q), jnp.float32),
     )
     target = "jax_flash_fwd" + _TARGET_SUFFIX[spec.packing]
-    out, lse = jax.ffi.ffi_call(target, out_types, vmap_method=_vmap_method(spec))(
+    out, lse = jax.ffi.ffi_call(target, out_types)(
         *xs, *operands, **_score_attrs(spec)
     )
     return out[..., :spec.head_dim], lse
@@ -105,33 +97,11 @@ def _bwd_kernel(spec: AttentionSpec, xs, operands: Operands, out, lse, d_out):
         jax.ShapeDtypeStruct((*accum_lead, *plan.dq_semaphore_shape), jnp.int32),  # dq_semaphore
     )
     target = "jax_flash_bwd" + _TARGET_SUFFIX[spec.packing]
-    grads = jax.ffi.ffi_call(target, out_types, vmap_method=_vmap_method(spec))(
+    grads = jax.ffi.ffi_call(target, out_types)(
         *xs, out, lse, d_out, *operands, deterministic=bool(spec.deterministic),
         **_score_attrs(spec)
     )
     return tuple(g[..., :spec.head_dim] for g in grads[: len(xs)])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(spec: AttentionSpec, xs, operands: Operands):
-    return _fwd_kernel(spec, xs, operands)
-
-
-def _attention_fwd(spec, xs, operands):
-    out, lse = _fwd_kernel(spec, xs, operands)
-    return (out, lse), (xs, operands, out, lse)
-
-
-def _attention_bwd(spec, residuals, cotangents):
-    # The LSE output is not differentiable: its cotangent is ignored. So are
-    # the integer and RNG operands and the ALiBi slopes.
-    xs, operands, out, lse = residuals
-    d_out, _ = cotangents
-    grads = _bwd_kernel(spec, xs, operands, out, lse, d_out.astype(xs[0].dtype))
-    return grads, operands.zero_cotangents()
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class CudaBackend:
@@ -146,17 +116,24 @@ class CudaBackend:
         # it runs the reference on GPUs too.
         return platform == "gpu" and spec.layout != "kvcache"
 
-    def run(self, spec: AttentionSpec, xs, operands: Operands):
+    def prepare(self, spec: AttentionSpec, operands: Operands) -> Operands:
+        if not spec.segments:
+            return operands
+        ids = operands.seg_q, operands.seg_k
+        if max(jnp.dtype(x.dtype).itemsize for x in ids) > 4:
+            # int32 cannot hold 64-bit ids; their ranks compare the same.
+            ids = dense_ranks(*ids)
+        # Up to 32 bits the cast to int32 is one-to-one: ids stay exact.
+        tables = segment_tables(*(x.astype(jnp.int32) for x in ids), *spec.window)
+        return operands._replace(seg_q=tables[0], seg_k=tables[1])
+
+    def forward(self, spec: AttentionSpec, xs, operands: Operands):
         extension.kernels_or_raise()
-        if spec.segments:
-            ids = operands.seg_q, operands.seg_k
-            if max(jnp.dtype(x.dtype).itemsize for x in ids) > 4:
-                # int32 cannot hold 64-bit ids; their ranks compare the same.
-                ids = dense_ranks(*ids)
-            # Up to 32 bits the cast to int32 is one-to-one: ids stay exact.
-            tables = segment_tables(*(x.astype(jnp.int32) for x in ids), *spec.window)
-            operands = operands._replace(seg_q=tables[0], seg_k=tables[1])
-        return _attention(spec, tuple(xs), operands)
+        return _fwd_kernel(spec, xs, operands)
+
+    def backward(self, spec: AttentionSpec, xs, operands: Operands, out, lse, d_out):
+        extension.kernels_or_raise()
+        return _bwd_kernel(spec, xs, operands, out, lse, d_out)
 
     def dropout_mask(self, spec: AttentionSpec, q_shape, seqlen_k: int, rng):
         """The kernels' keep-mask (batch, nheads, seqlen_q, seqlen_k), bool."""

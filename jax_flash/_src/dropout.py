@@ -56,9 +56,11 @@ def dropout_rng(key, batch: int):
     """The kernels' per-batch-element RNG state from a JAX PRNG key.
 
     Returns uint32 ``(batch, 4)``: the key's 64-bit seed (two words drawn with
-    ``jax.random.bits``), the batch index and 0. The batch index is part of
-    every counter, so the elements of a batch get independent masks; under
-    ``vmap`` with per-example keys each example gets its own seed.
+    ``jax.random.bits``), the batch index and the index of head 0 (0 here; a
+    shard of a call split over heads adds its first global head, see
+    `jax_flash.sharding`). The batch index is part of every counter, so the
+    elements of a batch get independent masks; under ``vmap`` with
+    per-example keys each example gets its own seed.
     """
     seed = jax.random.bits(key, (2,), jnp.uint32)
     index = jnp.arange(batch, dtype=jnp.uint32)
@@ -71,7 +73,8 @@ def dropout_keep_mask(rng, nheads: int, seqlen_q: int, seqlen_k: int, dropout_p:
 
     Entries are grouped in 16 x 16 blocks. Entry ``(i, j)`` of head ``h`` and
     batch element ``b`` takes 16 bits of the Philox-4x32-10 call with counter
-    ``(j // 16, (i // 16) * 32 + lane, h, rng[b, 2])`` and key ``rng[b, :2]``,
+    ``(j // 16, (i // 16) * 32 + lane, h + rng[b, 3], rng[b, 2])`` and key
+    ``rng[b, :2]``,
     where ``lane = (i % 8) * 4 + (j % 8) // 2``; the bits are number
     ``slot = ((i % 16) // 8) * 4 + ((j % 16) // 8) * 2 + j % 2`` of the eight
     16-bit halves of the 128-bit result (low half of a word first). The entry
@@ -87,9 +90,9 @@ def dropout_keep_mask(rng, nheads: int, seqlen_q: int, seqlen_k: int, dropout_p:
     i = jnp.arange(seqlen_q, dtype=jnp.uint32)[None, None, :, None]
     j = jnp.arange(seqlen_k, dtype=jnp.uint32)[None, None, None, :]
     h = jnp.arange(nheads, dtype=jnp.uint32)[None, :, None, None]
-    seed0, seed1, index = (rng[:, w][:, None, None, None] for w in range(3))
+    seed0, seed1, index, head0 = (rng[:, w][:, None, None, None] for w in range(4))
     lane = (i % 8) * 4 + (j % 8) // 2
-    words = philox4x32_10((j // 16, (i // 16) * 32 + lane, h, index), (seed0, seed1))
+    words = philox4x32_10((j // 16, (i // 16) * 32 + lane, h + head0, index), (seed0, seed1))
     slot = ((i % 16) // 8) * 4 + ((j % 16) // 8) * 2 + j % 2
     word = jnp.select([slot // 2 == w for w in range(3)], list(words[:3]), words[3])
     bits = jnp.where(slot % 2 == 1, word >> 16, word & jnp.uint32(0xFFFF))
