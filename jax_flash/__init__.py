@@ -15,6 +15,7 @@ from jax_flash.flash_attn import (
 from jax_flash.kvcache import flash_attn_with_kvcache
 from jax_flash.nn import attention
 from jax_flash.padding import pad_input, unpad_input
+from jax_flash.ring import ring_attention, zigzag_shard, zigzag_unshard
 from jax_flash.varlen import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
@@ -35,7 +36,10 @@ __all__ = [
     "info",
     "pad_input",
     "reference",
+    "ring_attention",
     "unpad_input",
+    "zigzag_shard",
+    "zigzag_unshard",
 ]
 
 __version__ = "0.1.0"

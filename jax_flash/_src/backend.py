@@ -248,14 +248,27 @@ class _Backward:
                                            out, lse, d_out))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(backend: Backend, spec: AttentionSpec, xs, operands: Operands):
+def forward(backend: Backend, spec: AttentionSpec, xs, operands: Operands):
+    """(out, lse) of backend's forward, partitioned; not differentiable."""
     sig = sharding.attention_signature(spec, xs, operands, backward=False)
     return sharding.call(_Forward(backend), spec, (tuple(xs), operands), sig)
 
 
+def backward(backend: Backend, spec: AttentionSpec, xs, operands: Operands, out, lse, d_out):
+    """The gradients of xs given out, lse (the softmax statistics) and d_out,
+    partitioned."""
+    sig = sharding.attention_signature(spec, xs, operands, backward=True)
+    args = (tuple(xs), operands, out, lse, d_out.astype(out.dtype))
+    return sharding.call(_Backward(backend), spec, args, sig)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(backend: Backend, spec: AttentionSpec, xs, operands: Operands):
+    return forward(backend, spec, xs, operands)
+
+
 def _attention_fwd(backend, spec, xs, operands):
-    out, lse = _attention(backend, spec, xs, operands)
+    out, lse = forward(backend, spec, xs, operands)
     return (out, lse), (xs, operands, out, lse)
 
 
@@ -264,9 +277,7 @@ def _attention_bwd(backend, spec, residuals, cotangents):
     # the integer and RNG operands and the ALiBi slopes.
     xs, operands, out, lse = residuals
     d_out, _ = cotangents
-    args = (tuple(xs), operands, out, lse, d_out.astype(out.dtype))
-    sig = sharding.attention_signature(spec, xs, operands, backward=True)
-    grads = sharding.call(_Backward(backend), spec, args, sig)
+    grads = backward(backend, spec, xs, operands, out, lse, d_out)
     return tuple(grads), operands.zero_cotangents()
 
 
