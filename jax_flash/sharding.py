@@ -281,7 +281,39 @@ def call(fn: Callable, spec, args, sig: Signature):
     split; dropout needs it). args is a pytree whose leaves match sig.ins.
     """
     leaves, treedef = _leaves_with_factors(args, sig)
+    mesh = _explicit_mesh(leaves)
+    if mesh is not None:
+        return _shard_mapped(fn, spec, sig, treedef, leaves, mesh)
     return _vmappable(fn, spec, sig, treedef)(*leaves)
+
+
+def _explicit_mesh(leaves):
+    """The mesh of inputs whose types carry an explicit sharding (a mesh
+    with Explicit axes, `jax.set_mesh`), else None."""
+    for x in leaves:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty:
+            continue
+        if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            return mesh
+    return None
+
+
+def _shard_mapped(fn, spec, sig: Signature, treedef, leaves, mesh):
+    """Explicit sharding: the split is known while tracing, so the call is a
+    shard_map over the mesh, each input resharded to the chosen split first
+    (a no-op when it already is)."""
+    shard = _choose(sig, spec, mesh, [jax.typeof(x).sharding for x in leaves])
+    local = _local_spec(spec, mesh, shard)
+    in_specs = tuple(_spec_of(shard, fs) for fs in sig.ins)
+    out_specs = tuple(_spec_of(shard, fs) for fs in sig.outs)
+    leaves = [x if jax.typeof(x).sharding.spec == p else jax.reshard(x, p)
+              for x, p in zip(leaves, in_specs)]
+    body = jax.shard_map(
+        lambda *xs: tuple(_run_shard(fn, sig, shard, local, spec.nheads_k, treedef, xs)),
+        mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    return body(*leaves)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,6 +7,7 @@ platform's backend (`_src/backend.run`).
 
 from __future__ import annotations
 
+from jax_flash._src import paged_varlen
 from jax_flash._src.backend import run
 from jax_flash._src.spec import bind
 
@@ -55,8 +56,11 @@ def flash_attn_varlen_func(
     return_attn_probs: bool = False,
     *,
     dropout_key=None,
+    block_table=None,
+    seqused_k=None,
 ):
-    """`flash_attn_func` over packed variable-length sequences.
+    """`flash_attn_func` over packed variable-length sequences, with K/V
+    packed too or in pages (chunked prefill).
 
     Args:
       q: (total_q, nheads, headdim), float16 or bfloat16.
@@ -69,6 +73,20 @@ def flash_attn_varlen_func(
       alibi_slopes: float32 (nheads,) or (batch, nheads), batch = sequences.
       Other arguments: as `flash_attn_func` (dropout masks are drawn per
         sequence, as per batch element there).
+      block_table: optional int32 (batch, max_blocks_per_seq): k and v are
+        then paged caches (num_blocks, page_size, nheads_k, headdim) of any
+        page_size >= 1, and logical key position p of sequence b lives in
+        page block_table[b, p // page_size], row p % page_size. Pass
+        cu_seqlens_k=None and seqused_k. The queries of sequence b are its
+        last cu_seqlens_q[b + 1] - cu_seqlens_q[b] positions (causal and
+        windows align bottom-right, as for packed K/V): chunked prefill of
+        new tokens against their cached context. Forward only (no
+        gradient), no dropout or return_attn_probs. Runs
+        `flash_attn_with_kvcache`'s computation, with its clamping rules
+        (block_table entries into [0, num_blocks - 1]).
+      seqused_k: int32 (batch,) with block_table: sequence b's keys are its
+        first seqused_k[b] logical positions, clamped into [0,
+        min(max_seqlen_k, max_blocks_per_seq * page_size)].
 
     Returns:
       out (total_q, nheads, headdim); with return_attn_probs=True
@@ -82,6 +100,18 @@ def flash_attn_varlen_func(
         `flash_attn_func`); cu_seqlens not int32 (batch + 1,); max_seqlen_*
         traced, negative or >= 2**31.
     """
+    if block_table is not None or seqused_k is not None:
+        if block_table is None:
+            raise ValueError("seqused_k is only supported with block_table (paged K/V), got "
+                             "block_table=None")
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k must be None with block_table (seqused_k gives the "
+                             "keys of each sequence), got an array")
+        return paged_varlen.run(
+            q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table=block_table,
+            seqused_k=seqused_k, dropout_p=dropout_p, softmax_scale=softmax_scale,
+            causal=causal, window_size=window_size, softcap=softcap,
+            alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs)
     spec, operands = bind(
         (q, k, v), layout="varlen", packing="", cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
