@@ -1,0 +1,70 @@
+"""The examples and the training-step benchmark run end to end: each as a
+subprocess (as a user runs it), with small settings, judged by its exit code
+and the lines it prints. On a CPU the attention is the plain-JAX reference;
+most of the time is XLA compiling (about a minute for the file on 2 cores)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+
+import jax_flash  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300  # a safety net for a hung run; each takes 10-30 s on 2 cores
+
+
+def run(script, *args):
+    """Runs a repository script with this interpreter; returns its stdout."""
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    # The script's own folder leads its sys.path, so `import jax_flash` finds
+    # the installed package; when these tests run on the source tree, give
+    # the scripts the source tree too.
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(jax_flash.__file__)))
+    if pkg_root == REPO:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert res.returncode == 0, f"{script} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+def test_train_gpt_tiny_loss_falls(tmp_path):
+    out = run("examples/train_gpt.py", "--tiny", "--steps", "40", "--log-every", "10",
+              "--eval-every", "40", "--out-dir", str(tmp_path), "--save")
+    m = re.search(r"loss: first ([\d.]+) \(step 1\) -> last ([\d.]+)", out)
+    assert m, out
+    first, last = float(m.group(1)), float(m.group(2))
+    # Step 1 is the untrained model, about ln(256) = 5.55 nats per byte; 40
+    # steps learn at least the byte frequencies (about 3.3 nats).
+    assert 5.0 < first < 6.0 and last < first - 1.5, out
+    assert re.search(r"step +40 +validation loss [\d.]+", out), out
+    assert re.search(r"[\d,]+ tokens/s", out), out
+    assert (tmp_path / "params.npz").stat().st_size > 0
+    assert (tmp_path / "loss.png").exists() or "matplotlib is not installed" in out
+
+
+def test_generate_paged_cache_matches_full_recompute():
+    out = run("examples/generate.py", "--tokens", "24")
+    assert "prompt lengths [15, 36, 73]" in out, out
+    assert "cached decode matches the full recompute: yes" in out, out
+
+
+def test_bench_train_step_smoke(tmp_path):
+    out = run("benchmarks/bench_train_step.py", "--smoke", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("*_train_step_smoke.json")
+    result = json.loads(path.read_text())
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"jax_flash", "cudnn", "xla"}, rows
+    for impl in ("jax_flash", "xla"):
+        assert rows[impl]["step_ms"] > 0 and 0 < rows[impl]["attn_share"], rows[impl]
+    if jax.default_backend() != "gpu":
+        assert rows["cudnn"]["skipped"] and "cuDNN" in rows["cudnn"]["error"], rows["cudnn"]
+    assert path.with_suffix(".md").read_text().startswith("Training step"), out
