@@ -194,3 +194,14 @@ def test_deterministic_backward_plan(seqlen_k, batch, nheads_k, options, expecte
         options.get("dropout", False), options.get("segments", False),
         options.get("deterministic", True), 132)
     assert (p.dq_accum_splits, p.dq_ordered) == expected
+
+
+def test_packed_dtype_errors_name_the_packed_argument():
+    with pytest.raises(TypeError, match="qkv must be float16 or bfloat16, got float32"):
+        jax_flash.flash_attn_qkvpacked_func(jnp.ones((1, 5, 3, 2, 16), jnp.float32))
+    with pytest.raises(TypeError, match="kv must be float16 or bfloat16, got float32"):
+        jax_flash.flash_attn_kvpacked_func(jnp.ones((1, 5, 2, 16), jnp.bfloat16),
+                                           jnp.ones((1, 5, 2, 2, 16), jnp.float32))
+    with pytest.raises(TypeError, match="qkv must be float16 or bfloat16, got float32"):
+        jax_flash.flash_attn_varlen_qkvpacked_func(
+            jnp.ones((5, 3, 2, 16), jnp.float32), jnp.array([0, 5], jnp.int32), 5)

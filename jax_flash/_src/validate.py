@@ -135,6 +135,8 @@ def packed(name: str, x, packs: int, axis: int, layout: str):
     _check_array(name, x)
     if x.ndim != axis + 3 or x.shape[axis] != packs:
         raise ValueError(f"{name} must have shape {layout}, got {shape_str(x)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}")
     return jax.ShapeDtypeStruct(x.shape[:axis] + x.shape[axis + 1:], x.dtype)
 
 
