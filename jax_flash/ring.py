@@ -288,15 +288,20 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False, layout: str = "z
       axis_name: the mesh axis (or tuple of axes) the sequence is sharded over.
       causal: causal masking over the global sequence.
       layout: "zigzag" (device i holds chunks i and 2n - 1 - i of 2n; see
-        `zigzag_shard`) or "contiguous" (device i holds chunk i).
+        `zigzag_shard`, best applied in the data pipeline: inside a jitted
+        program the reordering of a sharded sequence is itself collective
+        traffic) or "contiguous" (device i holds chunk i).
       softmax_scale, softcap, deterministic: as in `flash_attn_func`.
       window_size: only (-1, -1): local windows are not supported by the
         ring (a window needs only neighbouring blocks: shard_map with a halo
         exchange serves it better).
       segment_ids: optional (q_ids, kv_ids), this device's (batch,
-        seqlen_local) document ids (both the same positions): a query sees
-        only keys of its own document. With causal, documents must be
-        contiguous in the global sequence.
+        seqlen_local) document ids of its positions: a query sees only keys
+        of its own document. With causal, q_ids must equal kv_ids (the
+        same tokens on both sides, as in self-attention; not checked, the
+        values may be traced): the ring applies causal masking per block,
+        which matches `flash_attn_func`'s segment-relative alignment only
+        then.
 
     Returns:
       (batch, seqlen_local, nheads, headdim) in q's dtype: this device's rows
@@ -305,6 +310,12 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False, layout: str = "z
     Raises:
       ValueError, TypeError: bad options or shapes, naming the argument.
     """
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(f"ring_attention must run inside jax.shard_map with axis_name "
+                         f"{axis_name!r} bound (q/k/v sharded along the sequence over it), "
+                         f"got an unbound axis name") from e
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     if tuple(window_size) != (-1, -1):

@@ -1,0 +1,354 @@
+"""Ring attention (`jax_flash.ring`): `ring_attention` inside `jax.shard_map`
+over n devices gives the unsharded `flash_attn_func`'s output and gradients
+(jax.vjp with a random cotangent, through jax.jit) and passes FlashAttention's
+error rule against the float32 `reference.attention_ref` (max error within 2x
+(out) / 3x (dq, dk, dv) of the same reference in the input dtype, plus a small
+epsilon: `gpu_grid.check_fa_rule`), for both layouts, causal or not,
+MHA/GQA/MQA, softcap, softmax_scale, packed-document segment ids,
+deterministic, bf16/fp16, odd local lengths where the layout allows them, a
+2-D ("dp", "sp") mesh and a sequence axis made of two mesh axes. Plus the
+zigzag helpers, the argument errors and the collectives of the compiled ring
+(collective-permute only). Causal segment ids need q_ids == kv_ids (the
+documented precondition), which every case here has.
+
+CPU: 8 host devices (tests/conftest.py sets XLA_FLAGS; without it run with
+XLA_FLAGS=--xla_force_host_platform_device_count=8). A test needing more
+devices than `jax.devices()` has is skipped. GPU: meshes of the first N GPUs.
+"""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_flash
+from jax_flash import reference
+from jax_flash.ring import ring_attention, zigzag_shard, zigzag_unshard
+
+from gpu_grid import check_fa_rule
+
+AUTO = jax.sharding.AxisType.Auto
+ATOL = 1e-5
+_COLLECTIVE = re.compile(
+    r"\b(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter|"
+    r"collective-broadcast)(?:-start)?\(")
+
+
+# ---- Helpers ------------------------------------------------------------------
+
+
+def make_mesh(shape, names):
+    """A mesh of the first prod(shape) devices; skips when there are fewer."""
+    n = math.prod(shape)
+    devices = jax.devices()
+    if len(devices) < n:
+        pytest.skip(f"needs {n} devices, {len(devices)} available (set XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count=8 before jax initialises)")
+    return jax.sharding.Mesh(np.asarray(devices[:n]).reshape(shape), names,
+                             axis_types=(AUTO,) * len(shape))
+
+
+def inputs(seed, batch, seqlen, heads, head_dim=32, dtype=jnp.bfloat16):
+    """Random-normal q, k, v and a cotangent (numpy: no per-shape compiles)."""
+    nheads, nheads_k = heads
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32).astype(dtype))
+    return (normal(batch, seqlen, nheads, head_dim), normal(batch, seqlen, nheads_k, head_dim),
+            normal(batch, seqlen, nheads_k, head_dim), normal(batch, seqlen, nheads, head_dim))
+
+
+def documents(seed, batch, seqlen):
+    """Packed-document ids: contiguous runs (about 7 tokens each) of distinct
+    ids in the global sequence, different cuts per batch row."""
+    rng = np.random.default_rng(seed)
+    starts = rng.random((batch, seqlen)) < 0.15
+    starts[:, 0] = False
+    return jnp.asarray(np.cumsum(starts, axis=1) + 10 * np.arange(batch)[:, None], jnp.int32)
+
+
+def ring_fn(mesh, axis_name, spec, *, layout, causal, **opts):
+    """The ring as a global function: (q, k, v[, ids]) in layout order,
+    sharded over axis_name by `spec` -> the output in layout order."""
+
+    def local(q, k, v, *ids):
+        return ring_attention(q, k, v, axis_name=axis_name, causal=causal, layout=layout,
+                              segment_ids=(ids[0], ids[0]) if ids else None, **opts)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)
+
+
+def run_jit(fn, *args):
+    """jax.jit(fn)(*args); on CPU compiled at LLVM -O0 (half the compile
+    time of these small programs, the same HLO passes)."""
+    options = ({"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu"
+               else None)
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
+
+
+def vjp(fn, q, k, v, d_out):
+    """(out, (dq, dk, dv)) of fn at q, k, v with cotangent d_out."""
+    out, pullback = jax.vjp(fn, q, k, v)
+    return out, pullback(d_out)
+
+
+def zigzag_order(n, seqlen):
+    """zigzag_shard's order of the positions 0..seqlen-1 (applied with numpy
+    below: jitted reorderings of 16 chunks cost a second of CPU compile)."""
+    return np.asarray(zigzag_shard(jnp.arange(seqlen)[None], n))[0]
+
+
+def ring_vjp(fn, q, k, v, d_out, ids=None, permute=0):
+    """(out, grads) of the ring on global natural-order inputs, through
+    jax.jit. `permute` = n: reorder everything to the zigzag layout of n
+    devices before, and back after (outside the jit, like a data loader)."""
+    args = (q, k, v, d_out) + (() if ids is None else (ids,))
+    if permute:
+        order = zigzag_order(permute, q.shape[1])
+        args = tuple(jnp.asarray(np.asarray(x)[:, order]) for x in args)
+    result = run_jit(lambda q, k, v, d_out, *ids: vjp(lambda q, k, v: fn(q, k, v, *ids),
+                                                      q, k, v, d_out), *args)
+    if permute:
+        inverse = np.argsort(order)
+        result = jax.tree.map(lambda x: np.asarray(x)[:, inverse], result)
+    return result
+
+
+def references(q, k, v, d_out, ids=None, *, causal, softmax_scale=None, softcap=0.0,
+               deterministic=False):
+    """(out, grads) of the unsharded flash_attn_func, of attention_ref in
+    float32 (float32 inputs) and of attention_ref in the input dtype."""
+    seg = dict(q_segment_ids=ids, kv_segment_ids=ids)
+    opts = dict(causal=causal, softmax_scale=softmax_scale, softcap=softcap)
+
+    def all_three(q, k, v, d_out, ids):
+        flash = vjp(lambda q, k, v: jax_flash.flash_attn_func(
+            q, k, v, segment_ids=None if ids is None else (ids, ids),
+            deterministic=deterministic, **opts), q, k, v, d_out)
+        f32 = lambda x: x.astype(jnp.float32)
+        ref32 = vjp(lambda q, k, v: reference.attention_ref(q, k, v, upcast=True, **seg,
+                                                            **opts)[0],
+                    f32(q), f32(k), f32(v), f32(d_out))
+        low = vjp(lambda q, k, v: reference.attention_ref(q, k, v, upcast=False, **seg,
+                                                          **opts)[0],
+                  q, k, v, d_out)
+        return flash, ref32, low
+
+    return run_jit(all_three, q, k, v, d_out, ids)
+
+
+def check_ring(ring, flash, ref32, low):
+    """Ring and flash_attn_func by FlashAttention's rule vs float32; the ring
+    also within the same bound of flash_attn_func itself."""
+    check_fa_rule([ring, ref32, low], ATOL)
+    check_fa_rule([flash, ref32, low], ATOL)
+    (out, grads), (f_out, f_grads), (r_out, r_grads), (l_out, l_grads) = ring, flash, ref32, low
+    for name, x, f, r, lo, factor in [("out", out, f_out, r_out, l_out, 2.0)] + [
+            (nm, *t, 3.0) for nm, t in zip(("dq", "dk", "dv"),
+                                           zip(grads, f_grads, r_grads, l_grads))]:
+        x, f, r, lo = (np.asarray(a, np.float32) for a in (x, f, r, lo))
+        assert x.shape == f.shape and x.dtype == f.dtype, name
+        diff, low_err = np.abs(x - f).max(initial=0), np.abs(lo - r).max(initial=0)
+        assert diff <= factor * low_err + ATOL, (name, "ring vs flash_attn_func", diff, low_err)
+
+
+def run_case(*, n, layout, causal, local=8, heads=(4, 2), dtype=jnp.bfloat16, batch=2,
+             segments=False, permute=None, mesh_shape=None, seed=0, **opts):
+    """Ring over n devices vs the unsharded call (check_ring). Returns the
+    ring's (out, grads), a function recomputing them (a fresh jit) and the
+    inputs, for extra checks."""
+    if mesh_shape is None:
+        mesh, axis, spec = make_mesh((n,), ("sp",)), "sp", P(None, "sp")
+    else:
+        mesh, axis, spec = mesh_shape()
+    seqlen = n * local
+    if permute is None:
+        permute = layout == "zigzag" and seqlen % (2 * n) == 0
+    q, k, v, d_out = inputs(seed, batch, seqlen, heads, dtype=dtype)
+    ids = documents(seed + 1, batch, seqlen) if segments else None
+    fn = ring_fn(mesh, axis, spec, layout=layout, causal=causal, **opts)
+    ring = ring_vjp(fn, q, k, v, d_out, ids, permute=n if permute else 0)
+    check_ring(ring, *references(q, k, v, d_out, ids, causal=causal, **opts))
+    return ring, lambda: ring_vjp(fn, q, k, v, d_out, ids, permute=n if permute else 0), (
+        q, k, v, d_out, ids)
+
+
+# ---- Ring vs the unsharded call -------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_ring_matches_unsharded(n, layout, causal):
+    # GQA; zigzag: local 10 (two chunks of 5), contiguous: an odd local 7.
+    local = 10 if layout == "zigzag" else 7
+    ring, _, (q, k, v, d_out, _) = run_case(n=n, layout=layout, causal=causal, local=local,
+                                            seed=n)
+    if n == 1:  # one device: the ring is the local call (same backend calls), bit for bit
+        flash = run_jit(lambda q, k, v, d: vjp(
+            lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal), q, k, v, d),
+            q, k, v, d_out)
+        for a, b in zip(jax.tree.leaves(ring), jax.tree.leaves(flash)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+VARIANTS = {
+    # heads, score modifiers, softmax_scale, fp16
+    "mha-softcap-zigzag-causal-n4": dict(n=4, layout="zigzag", causal=True, heads=(4, 4),
+                                         softcap=2.0),
+    "mqa-fp16-zigzag-causal-n4": dict(n=4, layout="zigzag", causal=True, heads=(4, 1),
+                                      dtype=jnp.float16),
+    "mqa-fp16-contiguous-full-n2": dict(n=2, layout="contiguous", causal=False, heads=(4, 1),
+                                        dtype=jnp.float16, local=13),
+    "softcap-scale-contiguous-causal-n2": dict(n=2, layout="contiguous", causal=True,
+                                               softcap=1.5, softmax_scale=0.3, local=9),
+    "softcap-scale-zigzag-full-n2": dict(n=2, layout="zigzag", causal=False,
+                                         softmax_scale=0.5, softcap=3.0),
+    # packed documents (ids reordered with zigzag_shard's order like q/k/v)
+    "segments-zigzag-causal-n4": dict(n=4, layout="zigzag", causal=True, segments=True,
+                                      local=12),
+    "segments-mqa-zigzag-causal-n8": dict(n=8, layout="zigzag", causal=True, segments=True,
+                                          heads=(4, 1)),
+    "segments-scale-contiguous-causal-n4": dict(n=4, layout="contiguous", causal=True,
+                                                segments=True, softmax_scale=0.3, local=7),
+    "segments-fp16-zigzag-full-n2": dict(n=2, layout="zigzag", causal=False, segments=True,
+                                         dtype=jnp.float16, local=16),
+    "segments-softcap-contiguous-full-n2": dict(n=2, layout="contiguous", causal=False,
+                                                segments=True, softcap=2.0, local=11),
+    # odd / tiny local lengths
+    "mha-zigzag-causal-local6-n4": dict(n=4, layout="zigzag", causal=True, local=6,
+                                        heads=(4, 4)),  # chunks of 3
+    "zigzag-causal-local2-n4": dict(n=4, layout="zigzag", causal=True, local=2),  # chunks of 1
+    "zigzag-full-local7-n2": dict(n=2, layout="zigzag", causal=False, local=7),  # no reorder
+    "contiguous-causal-local1-n4": dict(n=4, layout="contiguous", causal=True, local=1),
+    # rings of 3 (not a power of two)
+    "segments-zigzag-causal-n3": dict(n=3, layout="zigzag", causal=True, local=8,
+                                      segments=True),
+    "mqa-contiguous-causal-n3": dict(n=3, layout="contiguous", causal=True, local=5,
+                                     heads=(4, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(VARIANTS), ids=list(VARIANTS))
+def test_ring_variants(case):
+    run_case(seed=len(case), **VARIANTS[case])
+
+
+@pytest.mark.parametrize("n,layout,segments", [(4, "zigzag", False), (2, "contiguous", True)])
+def test_deterministic_is_bitwise_reproducible(n, layout, segments):
+    # Two runs (two compilations) of the deterministic ring: identical bits.
+    ring, rerun, _ = run_case(n=n, layout=layout, causal=True, segments=segments,
+                              deterministic=True)
+    again = rerun()
+    for a, b in zip(jax.tree.leaves(ring), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_outside_shard_map_names_the_axis():
+    q, k, v, _ = inputs(0, 1, 8, (2, 2))
+    with pytest.raises(ValueError, match="ring_attention must run inside jax.shard_map with "
+                                         "axis_name 'sp'"):
+        ring_attention(q, k, v, axis_name="sp", causal=True)
+
+
+# ---- Meshes of two axes -----------------------------------------------------------
+
+
+def test_2d_mesh_batch_over_dp_sequence_over_sp():
+    # Batch 4 over dp = 2, sequence over sp = 4 inside one shard_map.
+    mesh = lambda: (make_mesh((2, 4), ("dp", "sp")), "sp", P("dp", "sp"))
+    run_case(n=4, layout="zigzag", causal=True, batch=4, segments=True, mesh_shape=mesh)
+
+
+def test_sequence_over_two_mesh_axes():
+    # axis_name may be a tuple: the ring runs over the 2 x 2 devices of ("a", "b").
+    mesh = lambda: (make_mesh((2, 2), ("a", "b")), ("a", "b"), P(None, ("a", "b")))
+    run_case(n=4, layout="zigzag", causal=True, mesh_shape=mesh)
+
+
+# ---- The compiled program: collective-permutes only -------------------------------
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_compiled_ring_uses_collective_permute_only(layout):
+    # Forward + backward (the forward's permutes are part of it): K/V and
+    # dK/dV travel by collective-permute; nothing is gathered or reduced.
+    n = 4
+    mesh = make_mesh((n,), ("sp",))
+    q, k, v, d_out = inputs(0, 2, 8 * n, (4, 2))
+    fn = ring_fn(mesh, "sp", P(None, "sp"), layout=layout, causal=True)
+    lowered = jax.jit(lambda q, k, v, d_out: vjp(fn, q, k, v, d_out)).lower(q, k, v, d_out)
+    text = lowered.compile().as_text()
+    found = {m.group(1) for m in _COLLECTIVE.finditer(text)}
+    assert "all-gather" not in text and "all-to-all" not in text, found
+    assert found == {"collective-permute"}, found
+
+
+# ---- zigzag_shard / zigzag_unshard --------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_zigzag_chunk_order_and_round_trip(n):
+    chunk = 3
+    x = jnp.arange(2 * n * chunk)[None, :, None] * jnp.ones((2, 1, 5), jnp.int32)
+    z = zigzag_shard(x, n)
+    assert z.shape == x.shape
+    shards = np.split(np.asarray(z[0, :, 0]), n)
+    for i, shard in enumerate(shards):  # device i: chunks i and 2n - 1 - i
+        expected = np.concatenate([np.arange(i * chunk, (i + 1) * chunk),
+                                   np.arange((2 * n - 1 - i) * chunk, (2 * n - i) * chunk)])
+        np.testing.assert_array_equal(shard, expected)
+    np.testing.assert_array_equal(zigzag_unshard(z, n), x)
+    np.testing.assert_array_equal(zigzag_shard(zigzag_unshard(x, n), n), x)
+
+
+def test_zigzag_other_axis():
+    x = jnp.arange(8 * 3).reshape(8, 3)
+    z = zigzag_shard(x, 2, axis=0)
+    np.testing.assert_array_equal(z[:, 0], np.array([0, 1, 6, 7, 2, 3, 4, 5]) * 3)
+    np.testing.assert_array_equal(zigzag_unshard(z, 2, axis=0), x)
+
+
+def test_zigzag_length_not_divisible():
+    with pytest.raises(ValueError, match=r"axis 1 must have a length divisible by 2 \* n = 4 "
+                                         r".*got 10"):
+        zigzag_shard(jnp.zeros((1, 10, 2)), 2)
+    with pytest.raises(ValueError, match=r"divisible by 2 \* n = 8, got 12"):
+        zigzag_unshard(jnp.zeros((1, 12)), 4)
+
+
+# ---- Errors -------------------------------------------------------------------
+
+
+def _trace_ring(q_len, k_len, dtype=jnp.bfloat16, **kw):
+    """Traces (no compile) the ring over 2 devices with local lengths q_len, k_len."""
+    mesh = make_mesh((2,), ("sp",))
+    q = jnp.zeros((1, 2 * q_len, 2, 32), dtype)
+    k = jnp.zeros((1, 2 * k_len, 2, 32), dtype)
+    fn = jax.shard_map(lambda q, k, v: ring_attention(q, k, v, axis_name="sp", **kw),
+                       mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp"))
+    return jax.eval_shape(fn, q, k, k)
+
+
+@pytest.mark.parametrize("args,kw,error,match", [
+    ((8, 8), dict(layout="diagonal"), ValueError, r"layout must be one of .*got 'diagonal'"),
+    ((8, 8), dict(window_size=(4, 0)), ValueError,
+     r"window_size must be \(-1, -1\) .*got \(4, 0\)"),
+    ((8, 6), {}, ValueError,
+     r"q and k must hold the same positions \(seqlen_local\).*q \(1, 8, 2, 32\) and k "
+     r"\(1, 6, 2, 32\)"),
+    ((7, 7), dict(causal=True, layout="zigzag"), ValueError,
+     r"q must have an even seqlen_local for the zigzag layout .*got \(1, 7, 2, 32\)"),
+    ((8, 8), dict(dtype=jnp.float32), TypeError, "q must be float16 or bfloat16, got float32"),
+], ids=["layout", "window_size", "seqlen_mismatch", "zigzag_causal_odd", "dtype"])
+def test_errors(args, kw, error, match):
+    with pytest.raises(error, match=match):
+        _trace_ring(*args, **kw)
+
+
+def test_odd_local_length_allowed_without_zigzag_causal():
+    for kw in (dict(causal=True, layout="contiguous"), dict(causal=False, layout="zigzag")):
+        assert _trace_ring(7, 7, **kw).shape == (1, 14, 2, 32)
