@@ -100,7 +100,10 @@ def attention_signature(spec, xs, operands, backward: bool) -> Signature:
     else:
         x_factors = (q, (b, t, _KV_HEADS, "d"), (b, t, _KV_HEADS, "d"))
     # Operands, in Operands' order, empty ones (shape (0,)) get their own factor.
-    full = ((_BATCH, _HEADS), (_BATCH, "w"), ("c",), ("c",), (_BATCH, s, "w"), (_BATCH, t, "w"))
+    # Varlen: the sequences live in cu_seqlens and the packed buffers, so the
+    # operands' sequence axis is replicated.
+    n = _BATCH if spec.layout == "fixed" else "n"
+    full = ((n, _HEADS), (n, "w"), ("c",), ("c",), (n, s, "w"), (n, t, "w"))
     op_factors = []
     for x, fs in zip(operands, full):
         if x.size == 0 and x.shape == (0,):
@@ -177,8 +180,10 @@ def _choose(sig: Signature, spec, mesh, shardings) -> _Shard:
     batch = found.get(_BATCH, ())
     if not batch or spec.batch % _size(mesh, batch):
         batch = ()
-    heads = found.get(_HEADS, found.get(_KV_HEADS, ())) if sig.group > 1 else \
-        found.get(_KV_HEADS, ())
+    # The query heads' split decides (MHA: either side's; qkv-packed inputs
+    # have only the query factor).
+    heads = found.get(_HEADS) or found.get(_KV_HEADS, ()) if sig.group == 1 else \
+        found.get(_HEADS, ())
     if set(heads) & set(batch) or spec.nheads % _size(mesh, heads):
         return _Shard(batch)
     if not heads:
