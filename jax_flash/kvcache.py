@@ -32,12 +32,15 @@ def flash_attn_with_kvcache(
     """Attention of q against a KV cache, optionally appending new keys/values
     (decoding), FlashAttention-2's `flash_attn_with_kvcache`.
 
-    On GPUs this currently runs the plain-JAX reference; the kernels are
-    pending (split-KV and paged). Every backend runs
-    `jax_flash.reference.kvcache_attention_ref`'s computation (float32 math).
-    Works under `jax.jit` (cache_seqlens and the other integer arrays may be
-    traced) and `jax.vmap`. Functional: the caches are never modified in
-    place; the updated caches are returned.
+    On GPUs this runs the plain-JAX reference
+    (`jax_flash.reference.kvcache_attention_ref`'s computation, float32
+    math) unless the environment variable JAX_FLASH_KVCACHE_KERNELS=1 selects
+    our split-KV / paged decode kernels (float32 accumulation, P rounded to
+    q's dtype like the attention kernels); they are opt-in until their first
+    GPU verification. Works under `jax.jit` (cache_seqlens and the other
+    integer arrays may be traced) and `jax.vmap`. Functional: the updated
+    caches are returned; under `jax.jit` with the caches donated
+    (`donate_argnums`) the new rows are written in place.
 
     Args:
       q: (batch, seqlen_q, nheads, headdim), float16 or bfloat16.

@@ -10,6 +10,9 @@
 #   bench      bench_attention.py (BENCH_ARGS)
 #   benchmods  bench_modifiers.py (BENCH_MODS_ARGS)
 #   benchvarlen  bench_varlen.py (BENCH_VARLEN_ARGS)
+#   benchdecode  bench_decode.py (BENCH_DECODE_ARGS): kv-cache decode
+#   sanitize   compute-sanitizer memcheck, racecheck and initcheck over
+#              scripts/sanitize_kvcache.py (the decode kernels' adversarial cases)
 #   breakdown  per-kernel times of a training step under ncu
 #              (BREAKDOWN: "batch,seqlen,nheads,head_dim ..." shapes)
 #   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
@@ -52,6 +55,21 @@ for step in ${STEPS:-}; do
     benchvarlen) python3 "$repo/benchmarks/bench_varlen.py" --out "$OUT" ${BENCH_VARLEN_ARGS:-} 2>&1 |
                    tee "$OUT/bench_varlen.log" | tail -20
                  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    benchdecode) python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" ${BENCH_DECODE_ARGS:-} 2>&1 |
+                   tee "$OUT/bench_decode.log" | tail -60
+                 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    sanitize)
+      cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | sort -V | tail -1)
+      if [ ! -x "$cs" ]; then echo "sanitize: compute-sanitizer not found"; rc=1; continue; fi
+      for tool in memcheck racecheck initcheck; do
+        # racecheck and initcheck only on our decode kernels (slow, and
+        # XLA's own kernels are not ours to check).
+        opts=$([ "$tool" = memcheck ] || echo "--kernel-name kns=decode_")
+        quick=$([ "$tool" = memcheck ] || echo --quick)
+        "$cs" --tool "$tool" $opts --error-exitcode 3 python3 "$repo/scripts/sanitize_kvcache.py" \
+          $quick > "$OUT/sanitize_$tool.log" 2>&1 || rc=1
+        echo "-- $tool: $(tail -1 "$OUT/sanitize_$tool.log")"
+      done ;;
     breakdown)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
       if [ ! -x "$ncu" ]; then echo "breakdown: ncu not found"; rc=1; continue; fi

@@ -343,7 +343,8 @@ def test_return_structure():
     assert lse.dtype == jnp.float32
 
 
-def test_reference_function_and_backend_choice():
+def test_reference_function_and_backend_choice(monkeypatch):
+    monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS", raising=False)
     case = make_case(17, seqlen_q=2, seqlen_new=1)
     res = jax_flash.reference.kvcache_attention_ref(**case, causal=True)
     for x, y in zip(res, call(case, causal=True)):
@@ -352,7 +353,50 @@ def test_reference_function_and_backend_choice():
     assert spec.layout == "kvcache"
     assert backend_lib.select(spec, "gpu").name == "reference"
     assert hash(spec) == hash(kvcache_lib.bind(**case)[0])
-    assert "the kernels are pending" in " ".join(flash_attn_with_kvcache.__doc__.split())
+    assert "JAX_FLASH_KVCACHE_KERNELS=1" in " ".join(flash_attn_with_kvcache.__doc__.split())
+
+
+def test_decode_kernels_are_opt_in(monkeypatch):
+    # Until their first GPU verification the decode kernels serve kv-cache
+    # calls only with JAX_FLASH_KVCACHE_KERNELS=1; the CPU is always the
+    # reference's.
+    spec, _ = kvcache_lib.bind(**{n: jnp.asarray(x) for n, x in make_case(19).items()})
+    monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS", raising=False)
+    assert backend_lib.select(spec, "gpu").name == "reference"
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
+    assert backend_lib.select(spec, "gpu").name == "reference"
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "1")
+    assert backend_lib.select(spec, "gpu").name == "cuda-sm80"
+    assert backend_lib.select(spec, "cpu").name == "reference"
+
+
+def test_low_precision_reference_is_close():
+    case = make_case(20, seqlen_q=3, seqlen_new=1)
+    hi = jax_flash.reference.kvcache_attention_ref(**case, causal=True)
+    lo = jax_flash.reference.kvcache_attention_ref(**case, causal=True, upcast=False)
+    np.testing.assert_allclose(np.asarray(lo[0], np.float32), np.asarray(hi[0], np.float32),
+                               atol=2e-2)
+    np.testing.assert_array_equal(lo[2], hi[2])  # the same append
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_donated_caches_alias_the_outputs(paged):
+    # The append is one scatter into the caches: donated, the updated caches
+    # are the input buffers (what the decode kernels' path relies on).
+    case = make_case(21, seqlen_new=1)
+    if paged:
+        case["block_table"] = np.arange(BATCH, dtype=np.int32)[:, None]
+    names = list(case)
+
+    def step(*xs):
+        return flash_attn_with_kvcache(**dict(zip(names, xs)))
+
+    xs = [jnp.asarray(case[n]) for n in names]
+    donate = (names.index("k_cache"), names.index("v_cache"))
+    compiled = jax.jit(step, donate_argnums=donate).lower(*xs).compile()
+    header = compiled.as_text().splitlines()[0]
+    assert "input_output_alias={ {1}: (1, {}, may-alias), {2}: (2, {}, may-alias) }" in header
+    assert compiled.memory_analysis().alias_size_in_bytes == 2 * case["k_cache"].nbytes
 
 
 def test_existing_kvcache_ref_agrees():

@@ -2,7 +2,8 @@
 //
 // XLA FFI handlers: decode the buffers and attributes XLA hands over into the
 // host layer's plain structs (host/attention.h), call it, and turn its status
-// into an ffi::Error that JAX raises in Python. Nothing else happens here.
+// into an ffi::Error that JAX raises in Python (buffers.h). Nothing else
+// happens here.
 #include "attention_ffi.h"
 
 #include <cuda_runtime.h>
@@ -13,43 +14,13 @@
 
 #include "../host/attention.h"
 #include "../host/plan.h"
+#include "buffers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash {
 namespace {
 
 namespace ffi = xla::ffi;
-
-ElementType TypeOf(ffi::DataType dtype) {
-  switch (dtype) {
-    case ffi::F16: return ElementType::kF16;
-    case ffi::BF16: return ElementType::kBF16;
-    case ffi::F32: return ElementType::kF32;
-    case ffi::U32: return ElementType::kU32;
-    case ffi::S32: return ElementType::kS32;
-    case ffi::U8: return ElementType::kU8;
-    default: return ElementType::kOther;
-  }
-}
-
-template <typename Buffer>
-Tensor TensorOf(const Buffer& buf) {
-  Tensor t;
-  t.data = buf.untyped_data();
-  t.type = TypeOf(buf.element_type());
-  const auto dims = buf.dimensions();
-  t.dims.assign(dims.begin(), dims.end());
-  return t;
-}
-
-ffi::Error ToError(const Status& s) {
-  switch (s.code) {
-    case Status::kOk: return ffi::Error::Success();
-    case Status::kInvalidArgument: return ffi::Error::InvalidArgument(s.message);
-    case Status::kInternal: break;
-  }
-  return ffi::Error::Internal(s.message);
-}
 
 // Operands [first, first + n) as Tensors.
 ffi::Error ReadArgs(const ffi::RemainingArgs& args, size_t first, size_t n,
@@ -68,17 +39,6 @@ ffi::Error ReadRets(const ffi::RemainingRets& rets, size_t n, std::vector<Tensor
     if (buf.has_error()) return buf.error();
     out->push_back(TensorOf(**buf));
   }
-  return ffi::Error::Success();
-}
-
-template <typename T>
-ffi::Error GetAttr(const ffi::Dictionary& attrs, const char* name, T* value) {
-  auto v = attrs.get<T>(name);
-  if (v.has_error()) {
-    return ffi::Error::InvalidArgument(std::string("attribute ") + name + ": " +
-                                       v.error().message());
-  }
-  *value = *v;
   return ffi::Error::Success();
 }
 

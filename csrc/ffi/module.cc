@@ -7,10 +7,15 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <vector>
 
+#include "../host/device_info.h"
 #include "../host/plan.h"
 #include "attention_ffi.h"
+#include "kvcache_ffi.h"
 
 namespace nb = nanobind;
 
@@ -24,6 +29,12 @@ nb::capsule Capsule(Fn* fn) {
 }
 
 nb::tuple Shape(std::initializer_list<int64_t> dims) {
+  nb::list l;
+  for (int64_t d : dims) l.append(d);
+  return nb::tuple(l);
+}
+
+nb::tuple Shape(const std::vector<int64_t>& dims) {
   nb::list l;
   for (int64_t d : dims) l.append(d);
   return nb::tuple(l);
@@ -63,6 +74,39 @@ nb::dict Plan(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads,
   return d;
 }
 
+nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nheads_k,
+                     int64_t head_dim, int64_t seqlen_cache, int64_t num_splits, int num_sms,
+                     int smem_per_sm) {
+  jax_flash::KVCacheProblem pb;
+  pb.batch = batch;
+  pb.seqlen_q = seqlen_q;
+  pb.nheads = nheads;
+  pb.nheads_k = nheads_k;
+  pb.head_dim = head_dim;
+  pb.seqlen_cache = seqlen_cache;
+  pb.num_splits = num_splits;
+  jax_flash::DeviceInfo device{num_sms, smem_per_sm};
+  if (num_splits == 0 && num_sms <= 0) {
+    const std::string err = jax_flash::current_device_info(&device);
+    if (!err.empty()) throw std::runtime_error(err + " (pass num_sms)");
+  }
+  jax_flash::KVCachePlan plan;
+  const std::string err = jax_flash::make_kvcache_plan(pb, device, &plan);
+  if (!err.empty()) throw nb::value_error(err.c_str());
+  nb::dict d;
+  d["head_dim_padded"] = plan.head_dim_padded;
+  d["kernel_head_dim"] = plan.kernel_head_dim;
+  d["block_m"] = plan.block_m;
+  d["block_n"] = plan.block_n;
+  d["m_blocks"] = plan.m_blocks;
+  d["num_splits"] = plan.num_splits;
+  d["out_accum_shape"] = Shape(plan.out_accum_shape);
+  d["lse_accum_shape"] = Shape(plan.lse_accum_shape);
+  d["num_sms"] = device.num_sms;
+  d["smem_per_sm"] = device.smem_per_sm;
+  return d;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -75,6 +119,7 @@ NB_MODULE(_C, m) {
     targets["jax_flash_bwd_kvpacked"] = Capsule(jax_flash::AttnBwdKvpacked);
     targets["jax_flash_bwd_qkvpacked"] = Capsule(jax_flash::AttnBwdQkvpacked);
     targets["jax_flash_dropout_mask"] = Capsule(jax_flash::DropoutMask);
+    targets["jax_flash_kvcache_fwd"] = Capsule(jax_flash::KVCacheFwd);
     return targets;
   }, "FFI target name -> handler capsule, for platform CUDA.");
   m.def("compiled_head_dims", []() {
@@ -103,4 +148,11 @@ NB_MODULE(_C, m) {
         "The kernel plan of one attention call (csrc/host/plan.h): family, variant, "
         "padded and compiled head dim, and the backward's dQ scratch shapes (per batch "
         "element for the fixed layout, whole for varlen, total_q >= 0).");
+  m.def("kvcache_plan", &KVCachePlan, nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("nheads"),
+        nb::arg("nheads_k"), nb::arg("head_dim"), nb::arg("seqlen_cache"),
+        nb::arg("num_splits"), nb::arg("num_sms") = 0, nb::arg("smem_per_sm") = 0,
+        "The plan of one flash_attn_with_kvcache kernel call (csrc/host/plan.h): padded and "
+        "compiled head dim, row blocks, the number of splits (num_splits 0: automatic, from "
+        "num_sms and smem_per_sm, or the current CUDA device's when num_sms is 0) and the "
+        "split scratch shapes.");
 }

@@ -20,8 +20,6 @@ int64_t Tensor::size() const {
   return n;
 }
 
-namespace {
-
 std::string ShapeString(const std::vector<int64_t>& dims) {
   std::string s = "(";
   for (size_t i = 0; i < dims.size(); ++i) {
@@ -30,6 +28,8 @@ std::string ShapeString(const std::vector<int64_t>& dims) {
   }
   return s + (dims.size() == 1 ? ",)" : ")");
 }
+
+namespace {
 
 // One of q, k, v, out or a gradient as the kernels see it: a base pointer and
 // element strides. A packed buffer (qkv or kv) gives one view per slot, so

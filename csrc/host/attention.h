@@ -50,6 +50,9 @@ struct Optional {
   Tensor alibi, rng, cu_seqlens_q, cu_seqlens_k, seg_q, seg_k;
 };
 
+// "(2, 3)", "(4,)": a shape for error messages.
+std::string ShapeString(const std::vector<int64_t>& dims);
+
 struct Status {
   enum Code { kOk, kInvalidArgument, kInternal } code = kOk;
   std::string message;

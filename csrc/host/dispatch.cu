@@ -8,6 +8,7 @@
 
 #include <type_traits>
 
+#include "../decode/api.h"
 #include "../sm80/api.h"
 
 namespace jax_flash {
@@ -89,6 +90,15 @@ cudaError_t run_bwd(const Plan& plan, Dtype dtype, const AttnBwdParams& params,
     case Family::kSm80: return with_kernel(plan, dtype, Sm80Bwd{params, stream});
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t run_decode(const KVCachePlan& plan, Dtype dtype, const DecodeParams& params,
+                       cudaStream_t stream) {
+  return with_head_dim(plan.kernel_head_dim, [&](auto hdim) {
+    constexpr int d = decltype(hdim)::value;
+    return dtype == Dtype::kFloat16 ? decode::launch_decode<__half, d>(params, stream)
+                                    : decode::launch_decode<__nv_bfloat16, d>(params, stream);
+  });
 }
 
 }  // namespace jax_flash

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/params.h"
+#include "../decode/params.h"
 #include "plan.h"
 
 namespace jax_flash {
@@ -19,5 +20,10 @@ cudaError_t run_fwd(const Plan& plan, Dtype dtype, const AttnParams& params,
 // Backward: preprocess, main and convert kernels (dq, dk, dv).
 cudaError_t run_bwd(const Plan& plan, Dtype dtype, const AttnBwdParams& params,
                     cudaStream_t stream);
+
+// kv-cache decode: the split kernel (and the combine when params.num_splits
+// > 1) of the plan's compiled head dim.
+cudaError_t run_decode(const KVCachePlan& plan, Dtype dtype, const DecodeParams& params,
+                       cudaStream_t stream);
 
 }  // namespace jax_flash

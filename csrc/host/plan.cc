@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "../common/launch.h"
+#include "../decode/tile.h"
 #include "../sm80/api.h"
 
 namespace jax_flash {
@@ -42,6 +43,30 @@ std::string head_dim_list() {
   return s + "]";
 }
 
+// Kernels read rows in 16-byte chunks: the head dim is padded to 8 (with
+// zero columns, which add nothing to q.k and give zero output columns), and
+// the smallest compiled head dim at least that large serves it.
+std::string choose_head_dim(int64_t head_dim, int* padded, int* kernel) {
+  if (head_dim < 1 || head_dim > kMaxHeadDim) {
+    return "headdim must be in [1, " + std::to_string(kMaxHeadDim) + "], got " +
+           std::to_string(head_dim);
+  }
+  *padded = static_cast<int>(round_up(head_dim, 8));
+  *kernel = -1;
+  for (int d : compiled_head_dims()) {
+    if (d >= *padded) {
+      *kernel = d;
+      break;
+    }
+  }
+  if (*kernel < 0) {
+    return "headdim " + std::to_string(head_dim) +
+           " has no compiled kernel in this build (compiled head dims: " + head_dim_list() +
+           "; rebuild with JAX_FLASH_HEADDIMS)";
+  }
+  return "";
+}
+
 }  // namespace
 
 const char* name_of(Family family) {
@@ -60,27 +85,11 @@ std::vector<int> compiled_head_dims() {
 }
 
 std::string make_plan(const Problem& pb, Plan* plan) {
-  if (pb.head_dim < 1 || pb.head_dim > kMaxHeadDim) {
-    return "headdim must be in [1, " + std::to_string(kMaxHeadDim) + "], got " +
-           std::to_string(pb.head_dim);
-  }
   *plan = Plan{};
   plan->family = Family::kSm80;
-  // Kernels read rows in 16-byte chunks: the head dim is padded to 8 (with
-  // zero columns, which add nothing to q.k and give zero output columns).
-  plan->head_dim_padded = static_cast<int>(round_up(pb.head_dim, 8));
-  plan->kernel_head_dim = -1;
-  for (int d : compiled_head_dims()) {
-    if (d >= plan->head_dim_padded) {
-      plan->kernel_head_dim = d;
-      break;
-    }
-  }
-  if (plan->kernel_head_dim < 0) {
-    return "headdim " + std::to_string(pb.head_dim) +
-           " has no compiled kernel in this build (compiled head dims: " + head_dim_list() +
-           "; rebuild with JAX_FLASH_HEADDIMS)";
-  }
+  const std::string err =
+      choose_head_dim(pb.head_dim, &plan->head_dim_padded, &plan->kernel_head_dim);
+  if (!err.empty()) return err;
   Features need;
   need.local = pb.local && !pb.segments;  // segment tables carry the window
   need.mods = pb.softcap || pb.alibi;
@@ -140,6 +149,80 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
            name_of(plan.variant) + "'), at most 65535 batch elements and K/V heads, and at least " +
            std::to_string(dq_tiles(pb, plan) + 1) + " counters; got " +
            std::to_string(mode.semaphore);
+  }
+  return "";
+}
+
+// ---- kv-cache decode -------------------------------------------------------------
+
+// Split-KV only pays when the grid would not keep the device streaming.
+// A wave is the blocks resident at once (per SM from the kernel's shared
+// memory, 1 KB of it reserved per block by the driver, at most 4). Under one
+// wave, splits multiply the blocks up to two waves (the second evens out
+// sequences of different lengths, whose blocks finish at different times).
+// From one wave on every SM streams already: a split only evens a ragged
+// last wave (one that would leave more than a fifth of the slots idle), and
+// from two waves none. A split keeps at least kMinKeysPerSplit keys of a
+// full-length sequence and all splits of one get the same number of tiles.
+// Decode contexts are runtime values: a cache far longer than its sequences
+// gets splits that find no keys (a block launch and a skip in the combine
+// each).
+int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
+                       const DeviceInfo& device) {
+  const int64_t tiles = (pb.seqlen_cache + plan.block_n - 1) / plan.block_n;
+  const int64_t cap = std::min<int64_t>(decode::kMaxSplits, std::max<int64_t>(1, tiles));
+  if (pb.num_splits > 0) return static_cast<int>(std::min(pb.num_splits, cap));
+  const int64_t blocks = pb.batch * pb.nheads_k * plan.m_blocks;
+  if (blocks == 0 || tiles <= 1) return 1;
+  constexpr int kReservedSmemPerBlock = 1024;
+  constexpr int kMaxBlocksPerSm = 4;
+  constexpr int64_t kTargetWaves = 2;
+  const int smem = decode::decode_smem_bytes(plan.kernel_head_dim) + kReservedSmemPerBlock;
+  const int per_sm = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
+  const int64_t wave = int64_t(std::max(device.num_sms, 1)) * per_sm;
+  const int64_t by_length =
+      std::max<int64_t>(1, tiles * plan.block_n / decode::kMinKeysPerSplit);
+  int64_t splits;
+  if (blocks >= kTargetWaves * wave) {
+    return 1;
+  } else if (blocks >= wave) {
+    const int64_t last_wave = blocks % wave;  // blocks in the last, partial wave
+    splits = last_wave == 0 || 5 * last_wave >= 4 * wave ? 1 : 2;
+  } else {
+    splits = (kTargetWaves * wave + blocks - 1) / blocks;
+  }
+  splits = std::min({splits, by_length, cap});
+  // The fewest splits with this many tiles each.
+  const int64_t per_split = (tiles + splits - 1) / splits;
+  return static_cast<int>((tiles + per_split - 1) / per_split);
+}
+
+std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device,
+                              KVCachePlan* plan) {
+  *plan = KVCachePlan{};
+  std::string err = choose_head_dim(pb.head_dim, &plan->head_dim_padded, &plan->kernel_head_dim);
+  if (!err.empty()) return err;
+  if (pb.batch < 0 || pb.seqlen_q < 0 || pb.nheads < 0 || pb.nheads_k < 1 ||
+      pb.nheads % pb.nheads_k != 0 || pb.seqlen_cache < 0 || pb.num_splits < 0) {
+    return "kv-cache sizes must be >= 0 with nheads a multiple of nheads_k >= 1 and "
+           "num_splits >= 0; got batch " + std::to_string(pb.batch) + ", seqlen_q " +
+           std::to_string(pb.seqlen_q) + ", nheads " + std::to_string(pb.nheads) +
+           ", nheads_k " + std::to_string(pb.nheads_k) + ", seqlen_cache " +
+           std::to_string(pb.seqlen_cache) + ", num_splits " + std::to_string(pb.num_splits);
+  }
+  const decode::DecodeTile tile = decode::decode_tile(plan->kernel_head_dim);
+  plan->block_m = tile.block_m;
+  plan->block_n = tile.block_n;
+  const int64_t rows = pb.nheads / pb.nheads_k * pb.seqlen_q;
+  plan->m_blocks = std::max<int64_t>(1, (rows + tile.block_m - 1) / tile.block_m);
+  plan->num_splits = kvcache_num_splits(pb, *plan, device);
+  if (plan->num_splits > 1) {
+    plan->out_accum_shape = {plan->num_splits, pb.batch, pb.nheads, pb.seqlen_q,
+                             plan->head_dim_padded};
+    plan->lse_accum_shape = {plan->num_splits, pb.batch, pb.nheads, pb.seqlen_q};
+  } else {
+    plan->out_accum_shape = {0};
+    plan->lse_accum_shape = {0};
   }
   return "";
 }

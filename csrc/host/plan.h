@@ -75,4 +75,48 @@ int64_t dq_tiles(const Problem& problem, const Plan& plan);
 // Head dims with compiled kernels, ascending.
 std::vector<int> compiled_head_dims();
 
+// ---- flash_attn_with_kvcache: the split-KV decode kernels (csrc/decode/) ----
+
+// One kv-cache call. seqlen_cache: logical positions per sequence (paged:
+// max_blocks_per_seq * page_size); num_splits: the caller's request, 0 for
+// the automatic choice.
+struct KVCacheProblem {
+  int64_t batch = 0, seqlen_q = 0, nheads = 0, nheads_k = 0, head_dim = 0;
+  int64_t seqlen_cache = 0;
+  int64_t num_splits = 0;
+};
+
+// What the device offers the split heuristic.
+struct DeviceInfo {
+  int num_sms = 0;
+  int smem_per_sm = 0;  // bytes of shared memory per multiprocessor
+};
+
+struct KVCachePlan {
+  int head_dim_padded = 0;  // head_dim rounded up to 8: what the kernel reads
+  int kernel_head_dim = 0;  // the compiled head dim that serves it
+  int block_m = 0;          // query rows per thread block (decode/tile.h)
+  int block_n = 0;          // keys per K/V tile
+  int64_t m_blocks = 0;     // row blocks per K/V head: ceil(nheads / nheads_k * seqlen_q / block_m)
+  int num_splits = 1;       // thread blocks per (sequence, K/V head, row block)
+  // Scratch of num_splits > 1, float32 (empty (0,) otherwise): each split's
+  // normalised output (num_splits, batch, nheads, seqlen_q, head_dim_padded)
+  // and LSE (num_splits, batch, nheads, seqlen_q).
+  std::vector<int64_t> out_accum_shape, lse_accum_shape;
+};
+
+// The plan of a kv-cache call on a device, or an error message (an
+// uncompiled head dim). Splits: the request clamped into [1, min(kMaxSplits,
+// K/V tiles)], or chosen by kvcache_num_splits.
+std::string make_kvcache_plan(const KVCacheProblem& problem, const DeviceInfo& device,
+                              KVCachePlan* plan);
+
+// The automatic split count: about two waves of blocks when the grid would
+// not fill the device once (the decode kernel is memory-bound: every SM
+// must be streaming), a split of a ragged last wave between one and two,
+// at least decode::kMinKeysPerSplit keys per split of a full cache, every
+// split of a full cache the same number of tiles (plan.cc says why).
+int kvcache_num_splits(const KVCacheProblem& problem, const KVCachePlan& plan,
+                       const DeviceInfo& device);
+
 }  // namespace jax_flash

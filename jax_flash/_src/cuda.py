@@ -8,7 +8,8 @@ cu_seqlens_k, seg_q, seg_k) and jax_flash_bwd{...}(*xs, out, lse, d_out,
 same operands), attributes softmax_scale f32, window_left/right i32, softcap
 f32, dropout_p f32, dropout_threshold i32, max_seqlen_q/k i32 (+
 deterministic bool for the backward); jax_flash_dropout_mask(rng,
-dropout_threshold). Sizes come from the kernel plan (`plan.py`).
+dropout_threshold). Sizes come from the kernel plan (`plan.py`). The
+kv-cache layout has its own target and module (`cuda_kvcache.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_flash._src import extension
+from jax_flash._src import cuda_kvcache, extension
 from jax_flash._src import plan as plan_lib
 from jax_flash._src.dropout import dropout_threshold
 from jax_flash._src.segments import dense_ranks, segment_tables
@@ -110,11 +111,14 @@ class CudaBackend:
     name = "cuda-sm80"
 
     def supports(self, spec: AttentionSpec, platform: str) -> bool:
-        # Every spec on a GPU: a missing extension is an error there
-        # (kernels_or_raise), never a silent fallback to the reference.
-        # The kvcache layout has no kernels yet (split-KV / paged pending):
-        # it runs the reference on GPUs too.
-        return platform == "gpu" and spec.layout != "kvcache"
+        """Every spec on a GPU: a missing extension is an error there
+        (kernels_or_raise), never a silent fallback to the reference. The
+        kv-cache layout's decode kernels are opt-in while they await their
+        first GPU run: only with JAX_FLASH_KVCACHE_KERNELS=1
+        (`cuda_kvcache.py`); otherwise the reference serves it on GPUs too."""
+        if spec.layout == "kvcache":
+            return platform == "gpu" and cuda_kvcache.enabled()
+        return platform == "gpu"
 
     def prepare(self, spec: AttentionSpec, operands: Operands) -> Operands:
         if not spec.segments:
@@ -129,6 +133,9 @@ class CudaBackend:
 
     def forward(self, spec: AttentionSpec, xs, operands: Operands):
         extension.kernels_or_raise()
+        if spec.layout == "kvcache":
+            # (out, lse, k_cache, v_cache); xs = (q, k_cache, v_cache, k, v).
+            return cuda_kvcache.forward(spec, xs, operands)
         return _fwd_kernel(spec, xs, operands)
 
     def backward(self, spec: AttentionSpec, xs, operands: Operands, out, lse, d_out):

@@ -16,11 +16,15 @@ Order of work, per call:
    block_table[b, p // page_size], row p % page_size. Writes apply in batch
    order: where two sequences' writes land on one slot (duplicate
    cache_batch_idx or shared pages; unspecified in FlashAttention-2) the
-   later sequence's value stays.
+   later sequence's value stays (within a sequence, the later row's).
 4. Attend: sequence b reads its logical cache positions [0, seqlen_cache)
    from the updated cache; keys in [lp_b, L_b) with L_b = c_b + seqlen_new are
    visible, query i sits at key position L_b - seqlen_q + i (causal, window,
    ALiBi are aligned bottom-right against that). No visible key: out 0, LSE +inf.
+
+Steps 1-3 (`update`) are shared with the CUDA backend, whose decode kernel
+only reads the cache (step 4): the write is one scatter into the caches, so
+under `jax.jit` with the caches donated XLA updates them in place.
 """
 
 from __future__ import annotations
@@ -81,11 +85,32 @@ def _slots(spec: KVCacheSpec, ops: KVCacheOperands, positions):
     return row * spec.seqlen_cache + positions
 
 
-def run(spec: KVCacheSpec, xs, ops: KVCacheOperands):
-    """(out, lse, k_cache, v_cache) of a bound call; xs = (q, k_cache,
-    v_cache, k, v), k/v None without an append."""
-    from jax_flash import reference  # the shared attention core
+def _append(spec: KVCacheSpec, ops: KVCacheOperands, c, cache, new):
+    """Step 3 for one cache: the new rows (batch, seqlen_new, ...) written at
+    their clamped positions, one scatter. Of several writes to one slot the
+    last in (batch, row) order stays: the others are sent past the cache's
+    end and dropped, so the kept indices are unique and no order of applying
+    them is left to XLA."""
+    slots = _slots(spec, ops, c[:, None] + jnp.arange(spec.seqlen_new, dtype=jnp.int32)[None, :])
+    slots = slots.reshape(-1)  # (batch * seqlen_new,), in write order
+    n = slots.shape[0]
+    if n == 0:  # an empty batch writes nothing
+        return cache
+    order = jnp.argsort(slots, stable=True)  # equal slots keep write order
+    ordered = slots[order]
+    last = jnp.append(ordered[1:] != ordered[:-1], True)  # the last write of its slot
+    keep = jnp.zeros((n,), bool).at[order].set(last)
+    tail = cache.shape[2:]
+    flat = cache.reshape(-1, *tail)
+    target = jnp.where(keep, slots, flat.shape[0] + jnp.arange(n, dtype=jnp.int32))
+    flat = flat.at[target].set(new.reshape(-1, *tail).astype(cache.dtype), mode="drop",
+                               unique_indices=True)
+    return flat.reshape(cache.shape)
 
+
+def update(spec: KVCacheSpec, xs, ops: KVCacheOperands):
+    """Steps 1-3: (q, k_cache, v_cache) after rotary and the append, for a
+    bound call; xs = (q, k_cache, v_cache, k, v), k/v None without an append."""
     q, k_cache, v_cache, k, v = (None if x is None else jnp.asarray(x) for x in xs)
     c, lp = _clamped(spec, ops)
     if spec.rotary_dim:
@@ -97,15 +122,22 @@ def run(spec: KVCacheSpec, xs, ops: KVCacheOperands):
         q = apply_rotary(q, ops.rotary_cos, ops.rotary_sin,
                          start + (rows if spec.rotary_q_per_row else 0 * rows),
                          spec.rotary_interleaved)
+    if spec.append:
+        k_cache = _append(spec, ops, c, k_cache, k)
+        v_cache = _append(spec, ops, c, v_cache, v)
+    return q, k_cache, v_cache
+
+
+def attend(spec: KVCacheSpec, q, k_cache, v_cache, ops: KVCacheOperands, upcast: bool = True):
+    """Step 4: (out, lse) of q against the (updated) caches. upcast=False is
+    FlashAttention's low-precision reference (both matmuls and P in the input
+    dtype), for the kernels' error bound."""
+    from jax_flash import reference  # the shared attention core
+
+    c, lp = _clamped(spec, ops)
     tail = k_cache.shape[2:]
     k_flat = k_cache.reshape(-1, *tail)
     v_flat = v_cache.reshape(-1, *tail)
-    if spec.append:
-        new_slots = _slots(spec, ops, c[:, None] + jnp.arange(spec.seqlen_new,
-                                                              dtype=jnp.int32)[None, :])
-        for b in range(spec.batch):  # batch order: the later sequence wins
-            k_flat = k_flat.at[new_slots[b]].set(k[b].astype(k_flat.dtype))
-            v_flat = v_flat.at[new_slots[b]].set(v[b].astype(v_flat.dtype))
     positions = jnp.broadcast_to(jnp.arange(spec.seqlen_cache, dtype=jnp.int32)[None, :],
                                  (spec.batch, spec.seqlen_cache))
     read = _slots(spec, ops, positions)
@@ -116,28 +148,39 @@ def run(spec: KVCacheSpec, xs, ops: KVCacheOperands):
     # Invisible slots may hold anything (NaN): zero them so 0 * NaN cannot leak.
     keys = jnp.where(visible, keys, jnp.zeros((), keys.dtype))
     values = jnp.where(visible, values, jnp.zeros((), values.dtype))
-    out, lse = reference._attention(
+    return reference._attention(
         q, keys, values, softmax_scale=spec.softmax_scale, causal=False,
         window_size=spec.window, softcap=spec.softcap,
         alibi_slopes=ops.alibi if spec.has_alibi else None,
-        segment_mask=visible[:, :, 0, 0][:, None, None, :], key_lengths=lengths, upcast=True)
-    return out, lse, k_flat.reshape(k_cache.shape), v_flat.reshape(v_cache.shape)
+        segment_mask=visible[:, :, 0, 0][:, None, None, :], key_lengths=lengths,
+        upcast=upcast)
+
+
+def run(spec: KVCacheSpec, xs, ops: KVCacheOperands, upcast: bool = True):
+    """(out, lse, k_cache, v_cache) of a bound call; xs = (q, k_cache,
+    v_cache, k, v), k/v None without an append."""
+    q, k_cache, v_cache = update(spec, xs, ops)
+    out, lse = attend(spec, q, k_cache, v_cache, ops, upcast)
+    return out, lse, k_cache, v_cache
 
 
 def kvcache_attention_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
                           rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
                           cache_leftpad=None, block_table=None, softmax_scale=None,
                           causal=False, window_size=(-1, -1), softcap=0.0,
-                          rotary_interleaved=True, alibi_slopes=None, num_splits=0):
+                          rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                          upcast=True):
     """Reference `flash_attn_with_kvcache` on any backend (plain JAX, float32).
 
     Takes `jax_flash.flash_attn_with_kvcache`'s arguments (validated the same
     way) and returns ``(out, softmax_lse, k_cache, v_cache)`` always: the
     caches updated functionally (the inputs when k/v are None). The rules,
-    clamping included, are in this module's docstring.
+    clamping included, are in this module's docstring. ``upcast=False``
+    computes the attention like `attention_ref(upcast=False)` (matmuls and
+    P in the input dtype): FlashAttention's low-precision reference.
     """
     spec, ops = kvcache_lib.bind(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
         cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
         rotary_interleaved, alibi_slopes, num_splits, True)
-    return run(spec, (q, k_cache, v_cache, k, v), ops)
+    return run(spec, (q, k_cache, v_cache, k, v), ops, upcast=upcast)

@@ -2,8 +2,9 @@
 
 `_C.plan` (csrc) owns every sizing rule: the padded head dim, which compiled
 kernel serves it, the variant, and the backward's dQ accumulator and counters
-(deterministic slices or ordered additions). Python sizes nothing itself, so
-these rules cannot drift from the kernels'.
+(deterministic slices or ordered additions); `_C.kvcache_plan` the same for
+the kv-cache decode kernels (splits and their scratch). Python sizes nothing
+itself, so these rules cannot drift from the kernels'.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 from typing import NamedTuple
 
 from jax_flash._src import extension
+from jax_flash._src.kvcache import KVCacheSpec
 from jax_flash._src.spec import AttentionSpec
 
 
@@ -76,3 +78,55 @@ def plan(spec: AttentionSpec, num_sms: int | None = None) -> KernelPlan:
         spec.deterministic,
         extension.num_sms() if num_sms is None else num_sms,
     )
+
+
+class KVCachePlan(NamedTuple):
+    head_dim_padded: int  # the head dim the kernel reads: q and the caches are padded to it
+    kernel_head_dim: int  # the compiled head dim that serves it
+    num_splits: int  # thread blocks sharing one sequence's keys (1: no combine)
+    m_blocks: int  # row blocks (block_m query rows) per K/V head
+    block_m: int  # query rows per thread block
+    block_n: int  # keys per K/V tile
+    # float32 scratch of the split kernel, whole shapes; (0,) with one split.
+    out_accum_shape: tuple[int, ...]
+    lse_accum_shape: tuple[int, ...]
+    num_sms: int  # informative: the device the automatic split count was made for
+    smem_per_sm: int
+
+
+@functools.lru_cache(maxsize=None)
+def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head_dim: int,
+                     seqlen_cache: int, num_splits: int, num_sms: int = 0,
+                     smem_per_sm: int = 0) -> KVCachePlan:
+    """`_C.kvcache_plan` for these arguments (see csrc/host/plan.h), cached.
+
+    num_splits 0 chooses automatically for num_sms multiprocessors with
+    smem_per_sm bytes of shared memory each, or for the current CUDA device
+    (asked from the CUDA runtime) when num_sms is 0.
+
+    Raises:
+      RuntimeError: the extension is absent, or the device could not be asked.
+      ValueError: the head dim has no compiled kernel in this build.
+    """
+    if extension._C is None:
+        extension.kernels_or_raise()
+    raw = extension._C.kvcache_plan(batch, seqlen_q, nheads, nheads_k, head_dim, seqlen_cache,
+                                    num_splits, num_sms, smem_per_sm)
+    return KVCachePlan(
+        head_dim_padded=int(raw["head_dim_padded"]),
+        kernel_head_dim=int(raw["kernel_head_dim"]),
+        num_splits=int(raw["num_splits"]),
+        m_blocks=int(raw["m_blocks"]),
+        block_m=int(raw["block_m"]),
+        block_n=int(raw["block_n"]),
+        out_accum_shape=tuple(int(n) for n in raw["out_accum_shape"]),
+        lse_accum_shape=tuple(int(n) for n in raw["lse_accum_shape"]),
+        num_sms=int(raw["num_sms"]),
+        smem_per_sm=int(raw["smem_per_sm"]),
+    )
+
+
+def kvcache_plan(spec: KVCacheSpec) -> KVCachePlan:
+    """The plan of a bound kv-cache call on the current CUDA device."""
+    return kvcache_plan_for(spec.batch, spec.seqlen_q, spec.nheads, spec.nheads_k,
+                            spec.head_dim, spec.seqlen_cache, spec.num_splits)

@@ -1,0 +1,378 @@
+"""Decode benchmark: flash_attn_with_kvcache's kernels vs cuDNN, XLA and Pallas.
+
+All rows in one process, bfloat16, 32 query / 8 K/V heads (--nheads,
+--nheads-k), head dim 128 (--headdims 64,128,256), full caches of `context`
+keys (8k, 32k, 128k) for batch 1, 8, 32, 64. Kinds of rows:
+
+  decode   one query token per sequence (seqlen_q 1), contiguous caches:
+             jax_flash      flash_attn_with_kvcache on our decode kernels (this
+                            script sets JAX_FLASH_KVCACHE_KERNELS=1)
+             jax_flash_ref  the same call on the plain-JAX reference backend
+             cudnn          jax.nn.dot_product_attention(implementation="cudnn"),
+                            q (B, 1, 32, H), separate K and V (B, T, 8, H)
+             xla            the same, implementation="xla"
+             pallas_gqa     jax.experimental.pallas.ops.gpu.decode_attention.gqa
+  paged    the same decode on paged caches, page sizes 16, 64, 256, pages in
+           random order: jax_flash (our layout (pages, page_size, 8, H)) and
+           pallas_paged (jax.experimental.pallas.ops.gpu.paged_attention, its
+           (8, pages, page_size, H) layout holding the same bytes)
+  append   jax_flash appending one new token with rotary (caches donated, so
+           the append is in place and the call carries them on), next to the
+           plain decode of the same shapes
+  prefill  chunked prefill: flash_attn_varlen_func with block_table +
+           seqused_k (4 or 16 sequences of 512 or 4096 new tokens against 8k
+           or 32k cached keys, pages of 64, causal) next to the same work as
+           dense flash_attn_varlen_func (K/V packed contiguously)
+
+Decode rows report GB/s = bytes of K and V read (2 * batch * context *
+nheads_k * headdim * 2) / time: the kernels are memory-bound, so this is
+the number to put next to the HBM bandwidth (H200: 4.8 TB/s). Prefill rows
+report TFLOP/s of the useful causal work (4 * headdim * nheads * sum over
+queries of the keys each sees).
+
+Timing and output follow bench_attention.py: jitted, warmed up, median of
+`--repeats` samples of back-to-back calls; an implementation that raises
+(unsupported shape, OOM, import error) gets a row with ms=None and the
+reason; rows go to benchmarks/results/<gpu>_<date>_decode[_tag].json after
+every configuration.
+
+Usage:
+  python benchmarks/bench_decode.py                        # everything (long)
+  python benchmarks/bench_decode.py --kinds decode --headdims 128
+  python benchmarks/bench_decode.py --smoke                # CPU, tiny, < 1 min
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("JAX_FLASH_KVCACHE_KERNELS", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import WARMUP, TARGET_LOOP_S, gpu_name, short_error, time_jax  # noqa: E402,I001
+
+import jax_flash  # noqa: E402
+from jax_flash._src import cuda_kvcache  # noqa: E402
+
+KINDS = ("decode", "paged", "append", "prefill")
+IMPLS = ("jax_flash", "jax_flash_ref", "cudnn", "xla", "pallas_gqa", "pallas_paged")
+# The reference gathers the whole cache and materialises the scores: past
+# this many K/V bytes it is skipped (recorded), not run out of memory.
+REF_MAX_BYTES = 8 << 30
+
+
+def kv_bytes(batch, context, nheads_k, headdim, itemsize=2):
+    return 2 * batch * context * nheads_k * headdim * itemsize
+
+
+def random_inputs(seed, shapes, dtype):
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]
+
+
+def random_pages(rng, batch, blocks):
+    """A block table of `blocks` pages per sequence, all pages in random order."""
+    return jnp.asarray(rng.permutation(batch * blocks).reshape(batch, blocks), jnp.int32)
+
+
+class reference_backend:
+    """Forces the kv-cache calls traced inside onto the reference backend."""
+
+    def __enter__(self):
+        self.saved = os.environ.pop(cuda_kvcache.ENV_VAR, None)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.environ[cuda_kvcache.ENV_VAR] = self.saved
+
+
+# ----------------------------------------------------------------------------
+# Decode cases: (fn, [input sets]) per implementation
+# ----------------------------------------------------------------------------
+
+def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtype, seed):
+    rng = np.random.RandomState(seed)
+    q_shape = (batch, 1, nheads, headdim)
+    kv_shape = (batch, context, nheads_k, headdim)
+    if impl in ("jax_flash", "jax_flash_ref"):
+        if page_size:
+            blocks = -(-context // page_size)
+            q, k, v = random_inputs(seed, [q_shape, (batch * blocks, page_size, nheads_k, headdim),
+                                           (batch * blocks, page_size, nheads_k, headdim)], dtype)
+            table = random_pages(rng, batch, blocks)
+            fn = lambda q, k, v: jax_flash.flash_attn_with_kvcache(
+                q, k, v, cache_seqlens=context, block_table=table)
+        else:
+            q, k, v = random_inputs(seed, [q_shape, kv_shape, kv_shape], dtype)
+            fn = lambda q, k, v: jax_flash.flash_attn_with_kvcache(q, k, v, cache_seqlens=context)
+        return fn, [(q, k, v)]
+    if impl in ("cudnn", "xla"):
+        q, k, v = random_inputs(seed, [q_shape, kv_shape, kv_shape], dtype)
+        fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        return fn, [(q, k, v)]
+    if impl == "pallas_gqa":
+        from jax.experimental.pallas.ops.gpu import decode_attention
+
+        q, k, v = random_inputs(seed, [(batch, nheads, headdim), kv_shape, kv_shape], dtype)
+        return (lambda q, k, v: decode_attention.gqa(q, k, v)), [(q, k, v)]
+    if impl == "pallas_paged":
+        from jax.experimental.pallas.ops.gpu import paged_attention
+
+        blocks = -(-context // page_size)
+        pages = (nheads_k, batch * blocks, page_size, headdim)
+        q, k, v = random_inputs(seed, [(batch, nheads, headdim), pages, pages], dtype)
+        table = random_pages(rng, batch, blocks)
+        lengths = jnp.full((batch,), context, jnp.int32)
+        return (lambda q, k, v: paged_attention.paged_attention(q, k, v, table, lengths)), \
+            [(q, k, v)]
+    raise ValueError(impl)
+
+
+def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats):
+    """Median seconds of one appending decode step with rotary, the caches
+    donated and carried from call to call (as a decoding loop does)."""
+    q, k_new, v_new, k_cache, v_cache = random_inputs(
+        seed, [(batch, 1, nheads, headdim), (batch, 1, nheads_k, headdim),
+               (batch, 1, nheads_k, headdim), (batch, context, nheads_k, headdim),
+               (batch, context, nheads_k, headdim)], dtype)
+    angle = jnp.arange(context)[:, None] * jnp.linspace(1e-3, 1, headdim // 2)[None, :]
+    cos, sin = jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
+    seqlens = jnp.full((batch,), context - 1, jnp.int32)
+
+    def step(k_cache, v_cache, q, k_new, v_new):
+        out, k_cache, v_cache = jax_flash.flash_attn_with_kvcache(
+            q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+            cache_seqlens=seqlens, causal=True, rotary_interleaved=False)
+        return out, k_cache, v_cache
+
+    fn = jax.jit(step, donate_argnums=(0, 1))
+    caches = (k_cache, v_cache)
+    for _ in range(WARMUP):
+        out, *caches = fn(*caches, q, k_new, v_new)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    out, *caches = fn(*caches, q, k_new, v_new)
+    jax.block_until_ready(out)
+    inner = max(1, min(100, int(TARGET_LOOP_S / max(time.perf_counter() - t0, 1e-6))))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out, *caches = fn(*caches, q, k_new, v_new)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+# ----------------------------------------------------------------------------
+# Chunked prefill
+# ----------------------------------------------------------------------------
+
+def prefill_case(impl, seqs, new, context, nheads, nheads_k, headdim, dtype, seed, page=64):
+    """Sequences of `context` cached keys and `new` new tokens (their K/V
+    already in the cache): the new queries attend causally to context + new keys."""
+    rng = np.random.RandomState(seed)
+    keys = context + new
+    cu_q = jnp.asarray(np.arange(seqs + 1) * new, jnp.int32)
+    if impl == "jax_flash_paged":
+        blocks = -(-keys // page)
+        q, k, v = random_inputs(seed, [(seqs * new, nheads, headdim),
+                                       (seqs * blocks, page, nheads_k, headdim),
+                                       (seqs * blocks, page, nheads_k, headdim)], dtype)
+        table = random_pages(rng, seqs, blocks)
+        used = jnp.full((seqs,), keys, jnp.int32)
+        fn = lambda q, k, v: jax_flash.flash_attn_varlen_func(
+            q, k, v, cu_q, None, new, keys, causal=True, block_table=table, seqused_k=used)
+    elif impl == "jax_flash_dense":
+        q, k, v = random_inputs(seed, [(seqs * new, nheads, headdim),
+                                       (seqs * keys, nheads_k, headdim),
+                                       (seqs * keys, nheads_k, headdim)], dtype)
+        cu_k = jnp.asarray(np.arange(seqs + 1) * keys, jnp.int32)
+        fn = lambda q, k, v: jax_flash.flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, new, keys, causal=True)
+    else:
+        raise ValueError(impl)
+    flops = 4.0 * headdim * nheads * seqs * (new * context + new * (new + 1) / 2)
+    return fn, [(q, k, v)], flops
+
+
+# ----------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------
+
+def parse_list(s, typ=int):
+    return [typ(x) for x in str(s).split(",") if x.strip()]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--headdims", default="128,64,256")
+    p.add_argument("--contexts", default="8192,32768,131072")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--page-sizes", default="16,64,256")
+    p.add_argument("--nheads", type=int, default=32)
+    p.add_argument("--nheads-k", type=int, default=8)
+    p.add_argument("--prefill", default="4x512x8192,4x4096x32768,16x512x32768,16x4096x8192",
+                   help="sequences x new tokens x cached keys, comma separated")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--tag", default="")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, reference and XLA only: proves the script runs (CPU)")
+    a = p.parse_args()
+    if a.smoke:
+        a.headdims, a.contexts, a.batches, a.page_sizes = "64", "256", "1,2", "16"
+        a.nheads, a.nheads_k, a.repeats, a.prefill = 4, 2, 1, "2x32x128"
+        a.impls = "jax_flash,jax_flash_ref,xla"
+    a.kinds, a.impls = parse_list(a.kinds, str), parse_list(a.impls, str)
+    a.headdims, a.contexts = parse_list(a.headdims), parse_list(a.contexts)
+    a.batches, a.page_sizes = parse_list(a.batches), parse_list(a.page_sizes)
+    a.prefill = [tuple(int(n) for n in c.split("x")) for c in parse_list(a.prefill, str)]
+    for k in a.kinds:
+        if k not in KINDS:
+            p.error(f"unknown kind {k!r}; choose from {KINDS}")
+    return a
+
+
+def record(result, path, row, fn):
+    """Runs fn() -> (seconds, extra fields), stores the row, prints it."""
+    try:
+        sec, extra = fn()
+        row.update(ms=sec * 1e3, **extra)
+    except Exception as e:  # noqa: BLE001 - record and continue
+        row.update(ms=None, error=short_error(e))
+    result["rows"].append(row)
+    keys = ("kind", "impl", "batch", "context", "headdim", "page_size", "seqs", "new")
+    head = " ".join(f"{k}={row[k]}" for k in keys if row.get(k) is not None)
+    if row["ms"] is None:
+        print(f"{head:70} ERROR {row['error'][:90]}", flush=True)
+    else:
+        metric = (f"{row['gbps']:8.1f} GB/s" if "gbps" in row
+                  else f"{row['tflops']:8.2f} TFLOP/s")
+        print(f"{head:70} {row['ms']:9.3f} ms {metric}", flush=True)
+    with open(path, "w") as f:  # incremental: survive a killed run
+        json.dump(result, f, indent=1)
+    jax.clear_caches()
+    gc.collect()
+
+
+def bandwidth(fn, sets, nbytes, repeats):
+    sec = time_jax(jax.jit(fn), sets, repeats)
+    return sec, {"gbps": nbytes / sec / 1e9}
+
+
+def run_decode_row(a, impl, batch, context, headdim, page_size, dtype):
+    nbytes = kv_bytes(batch, context, a.nheads_k, headdim)
+    if impl == "jax_flash_ref" and nbytes > REF_MAX_BYTES:
+        raise MemoryError(f"skipped: the reference gathers {nbytes / 2**30:.0f} GiB of K/V")
+    fn, sets = decode_case(impl, batch, context, a.nheads, a.nheads_k, headdim, page_size,
+                           dtype, a.seed)
+    if impl == "jax_flash_ref":
+        with reference_backend():
+            return bandwidth(fn, sets, nbytes, a.repeats)
+    if impl == "jax_flash" and jax.default_backend() == "gpu":
+        # The kernels must serve it, not the reference.
+        if "jax_flash_kvcache_fwd" not in jax.jit(fn).lower(*sets[0]).as_text():
+            raise RuntimeError("the decode kernels did not run (is JAX_FLASH_KVCACHE_KERNELS=1?)")
+    return bandwidth(fn, sets, nbytes, a.repeats)
+
+
+def main():
+    a = parse_args()
+    gpu, date = gpu_name(), datetime.date.today().isoformat()
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"{gpu}_{date}_decode" + (f"_{a.tag}" if a.tag else "") + ".json")
+    result = {"gpu": gpu, "jax_version": jax.__version__, "date": date, "nheads": a.nheads,
+              "nheads_k": a.nheads_k, "dtype": "bfloat16", "repeats": a.repeats,
+              "kernels_enabled": cuda_kvcache.enabled(), "rows": []}
+    print(f"gpu={gpu} jax={jax.__version__} -> {path}")
+    dtype = jnp.bfloat16
+    base = dict(gpu=gpu, nheads=a.nheads, nheads_k=a.nheads_k)
+
+    for headdim in a.headdims:
+        for context in a.contexts:
+            for batch in a.batches:
+                shape = dict(base, headdim=headdim, context=context, batch=batch,
+                             kv_bytes=kv_bytes(batch, context, a.nheads_k, headdim))
+                if "decode" in a.kinds:
+                    for impl in (i for i in a.impls if i != "pallas_paged"):
+                        row = dict(shape, kind="decode", impl=impl, page_size=None)
+                        record(result, path, row, lambda: run_decode_row(
+                            a, impl, batch, context, headdim, 0, dtype))
+                if "paged" in a.kinds:
+                    for page in a.page_sizes:
+                        for impl in ("jax_flash", "pallas_paged"):
+                            if impl not in a.impls:
+                                continue
+                            row = dict(shape, kind="paged", impl=impl, page_size=page)
+                            record(result, path, row, lambda: run_decode_row(
+                                a, impl, batch, context, headdim, page, dtype))
+                if "append" in a.kinds and "jax_flash" in a.impls:
+                    row = dict(shape, kind="append", impl="jax_flash_append_rotary")
+
+                    def append_row():
+                        sec = time_append(batch, context, a.nheads, a.nheads_k, headdim, dtype,
+                                          a.seed, a.repeats)
+                        return sec, {"gbps": shape["kv_bytes"] / sec / 1e9}
+
+                    record(result, path, row, append_row)
+    if "prefill" in a.kinds:
+        for seqs, new, context in a.prefill:
+            for headdim in a.headdims:
+                for impl in ("jax_flash_paged", "jax_flash_dense"):
+                    row = dict(base, kind="prefill", impl=impl, seqs=seqs, new=new,
+                               context=context, headdim=headdim, page_size=64)
+
+                    def prefill_row():
+                        fn, sets, flops = prefill_case(impl, seqs, new, context, a.nheads,
+                                                       a.nheads_k, headdim, dtype, a.seed)
+                        sec = time_jax(jax.jit(fn), sets, a.repeats)
+                        return sec, {"tflops": flops / sec / 1e12}
+
+                    record(result, path, row, prefill_row)
+    print_table(result["rows"])
+    print(f"\nwrote {path}")
+
+
+def print_table(rows):
+    """Decode GB/s per shape and implementation, and jax_flash / cudnn."""
+    decode = [r for r in rows if r["kind"] in ("decode", "paged", "append") and r["ms"]]
+    if decode:
+        impls = sorted({(r["kind"], r["impl"], r.get("page_size")) for r in decode},
+                       key=lambda k: (KINDS.index(k[0]), k[1], k[2] or 0))
+        shapes = sorted({(r["headdim"], r["context"], r["batch"]) for r in decode})
+        gb = {(r["headdim"], r["context"], r["batch"], r["kind"], r["impl"], r.get("page_size")):
+              r["gbps"] for r in decode}
+        names = [f"{i}" + (f"/p{p}" if p else "") for _, i, p in impls]
+        print("\nGB/s of K/V read (median)\n" + f"{'d':>4} {'context':>7} {'batch':>5} "
+              + " ".join(f"{n[:14]:>14}" for n in names) + f" {'jf/cudnn':>9}")
+        for d, c, b in shapes:
+            vals = [gb.get((d, c, b) + k) for k in impls]
+            jf, cu = gb.get((d, c, b, "decode", "jax_flash", None)), \
+                gb.get((d, c, b, "decode", "cudnn", None))
+            print(f"{d:>4} {c:>7} {b:>5} " + " ".join(
+                f"{v:>14.1f}" if v else f"{'-':>14}" for v in vals)
+                + (f" {jf / cu:>9.2f}" if jf and cu else f" {'-':>9}"))
+    prefill = [r for r in rows if r["kind"] == "prefill" and r["ms"]]
+    if prefill:
+        print("\nChunked prefill TFLOP/s (median)")
+        for r in prefill:
+            print(f"  {r['impl']:16} seqs={r['seqs']:<3} new={r['new']:<5} "
+                  f"context={r['context']:<6} d={r['headdim']:<3} {r['tflops']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

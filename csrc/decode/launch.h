@@ -1,0 +1,37 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// The only place that launches the decode kernels: the split kernel's grid
+// and shared memory, then (num_splits > 1) the combine kernel, on one stream.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../common/launch.h"
+#include "api.h"
+#include "combine.h"
+#include "kernel.h"
+#include "traits.h"
+
+namespace jax_flash::decode {
+
+template <typename Element, int kHeadDim>
+cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
+  using Traits = DecodeTraits<Element, kHeadDim>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  constexpr auto kernel = &decode_kernel<Traits>;
+  cudaError_t err = opt_in_shared_memory<kernel>(kSmem);
+  if (err != cudaSuccess) return err;
+  const unsigned grid_x = static_cast<unsigned>(params.num_splits) * params.m_blocks;
+  err = launch_grids(params, grid_x, params.nheads_k, params.batch,
+                     [&](const DecodeParams& part, dim3 grid) {
+                       kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part);
+                     });
+  if (err != cudaSuccess || params.num_splits == 1) return err;
+  const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
+  const int64_t blocks = (rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock;
+  decode_combine_kernel<Element>
+      <<<static_cast<unsigned>(blocks), 32 * kCombineRowsPerBlock, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flash::decode

@@ -1,0 +1,81 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+//
+// Compile-time facts of one decode kernel (element type, compiled head dim):
+// tile sizes (decode/tile.h), shared-memory layout, and the lane -> address
+// maps of the ldmatrix reads. Everything here is a constexpr.
+#pragma once
+
+#include "tile.h"
+
+namespace jax_flash::decode {
+
+template <typename Element_, int kHeadDim_>
+struct DecodeTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;  // compiled; the actual one is <= and a multiple of 8
+  static constexpr DecodeTile kTile = decode_tile(kHeadDim);
+  static constexpr int kBlockN = kTile.block_n;
+  static constexpr int kBlockM = kTile.block_m;
+  static constexpr int kStages = kTile.stages;
+  static constexpr int kNThreads = kDecodeThreads;
+  static constexpr int kNWarps = kDecodeWarps;
+
+  static constexpr int kChunks = kHeadDim / 8;    // 16-byte chunks per row
+  static constexpr int kKSteps = kHeadDim / 16;   // k16 MMA steps of S = Q K^T
+  static constexpr int kDTiles = kHeadDim / 8;    // n8 MMA tiles of O (per row slab)
+
+  // ---- Shared memory ---------------------------------------------------------
+  // [Q: kBlockM rows][stage 0: K kBlockN rows, V kBlockN rows][stage 1] ...
+  // rows of kRowBytes (decode/tile.h: padded for conflict-free ldmatrix).
+  static constexpr int kRowBytes = decode_smem_row_bytes(kHeadDim);
+  static constexpr int kQBytes = kBlockM * kRowBytes;
+  static constexpr int kTileBytes = kBlockN * kRowBytes;  // K or V of one stage
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kSmemBytes = decode_smem_bytes(kHeadDim);
+
+  // Epilogue, over the K/V stages once the main loop is done: each warp's
+  // 16 x kHeadDim O accumulator (rows padded by 4 floats: the float2 writes
+  // of a quad's rows then fall in different banks), row maxima, row sums.
+  static constexpr int kMergeRowFloats = kHeadDim + 4;
+  static constexpr int kMergeBytes = kNWarps * 16 * (kMergeRowFloats + 2) * 4;
+
+  // ---- Copies ------------------------------------------------------------------
+  // Each thread issues kQCopies / kKVCopies 16-byte cp.async per Q load / per
+  // K (and V) tile, consecutive threads on consecutive chunks of a row.
+  static constexpr int kQCopies = kBlockM * kChunks / kNThreads;
+  static constexpr int kKVCopies = kBlockN * kChunks / kNThreads;
+
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "compiled head dims: 32 .. 256, step 32");
+  static_assert(kBlockN % (16 * kNWarps) == 0, "four warps can split a tile into 16-key steps");
+  static_assert(kBlockM % 16 == 0 && kBlockM <= 16 * kNWarps, "a warp per 16-row slab at most");
+  static_assert(kBlockM * kChunks % kNThreads == 0 && kBlockN * kChunks % kNThreads == 0,
+                "copies divide evenly among the threads");
+  static_assert(kStages >= 2, "the main loop overlaps the next tile's copy with this one's math");
+  static_assert(kMergeBytes <= kStages * kStageBytes, "the epilogue fits in the K/V stages");
+  static_assert(kRowBytes % 16 == 0, "16-byte aligned rows for cp.async and ldmatrix");
+
+  // ---- ldmatrix lane maps (decode/ptx.h) -----------------------------------------
+  // Byte offsets, from a 16-row (or 16-key) slab's first row, of the row this
+  // lane addresses in one x4 load; + 32 bytes per 16 columns.
+  // Q as the A operand of S = Q K^T: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15),
+  // row halves first: a0..a3.
+  static __device__ __forceinline__ int q_lane_offset(int lane) {
+    const int m = lane / 8, r = lane % 8;
+    return (r + 8 * (m & 1)) * kRowBytes + 16 * (m >> 1);
+  }
+  // K as the B operand (B[k][n] = K[n][k]): matrices (keys 0-7: cols 0-7,
+  // 8-15 | keys 8-15: cols 0-7, 8-15) give b0, b1 of n-tile 0 then of n-tile 1.
+  static __device__ __forceinline__ int k_lane_offset(int lane) {
+    const int m = lane / 8, r = lane % 8;
+    return (r + 8 * (m >> 1)) * kRowBytes + 16 * (m & 1);
+  }
+  // V as the B operand of O += P V (B[k][n] = V[k][n], read transposed):
+  // matrices (cols 0-7: keys 0-7, 8-15 | cols 8-15: keys 0-7, 8-15) give
+  // b0, b1 of output n-tile 0 then of n-tile 1.
+  static __device__ __forceinline__ int v_lane_offset(int lane) {
+    const int m = lane / 8, r = lane % 8;
+    return (r + 8 * (m & 1)) * kRowBytes + 16 * (m >> 1);
+  }
+};
+
+}  // namespace jax_flash::decode

@@ -1,0 +1,42 @@
+// Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
+#include "device_info.h"
+
+#include <cuda_runtime_api.h>
+
+#include <map>
+#include <mutex>
+
+namespace jax_flash {
+
+std::string current_device_info(DeviceInfo* info) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    static std::mutex mutex;
+    static std::map<int, DeviceInfo> cache;
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache.find(device);
+    if (found != cache.end()) {
+      *info = found->second;
+      return "";
+    }
+    DeviceInfo d;
+    err = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                   device);
+    }
+    if (err == cudaSuccess) {
+      cache[device] = d;
+      *info = d;
+      return "";
+    }
+  }
+  // The failed query must not linger as the runtime's sticky "last error",
+  // where a later kernel launch check would find it.
+  cudaGetLastError();
+  return std::string("could not query the CUDA device's multiprocessor count: ") +
+         cudaGetErrorString(err);
+}
+
+}  // namespace jax_flash

@@ -1,0 +1,122 @@
+"""CPU: the decode kernels' decomposition (tests/kvcache_kernel_model.py, a
+NumPy model of csrc/decode/ block by block) against the reference with
+FlashAttention's rule, over splits, row blocks, pages and adversarial
+tables; and the split plan of the compiled extension (csrc/host/plan.cc),
+where one is built."""
+
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_flash._src import extension, kvcache_ref
+from jax_flash._src import kvcache as kvcache_lib
+
+import kvcache_kernel_model as model
+from kvcache_cases import make_case
+
+_update = jax.jit(kvcache_ref.update, static_argnums=0)
+_attend = jax.jit(kvcache_ref.attend, static_argnums=(0, 5))
+
+
+def _check(case, num_splits, block_m=64, **opts):
+    kw, statics = case
+    spec, ops = kvcache_lib.bind(**kw, **statics, **opts)
+    xs = (kw["q"], kw["k_cache"], kw["v_cache"], kw.get("k"), kw.get("v"))
+    q, k_cache, v_cache = _update(spec, xs, ops)
+    out, lse = model.run(spec, ops, q, k_cache, v_cache, num_splits, block_m=block_m)
+    out32, lse32 = _attend(spec, q, k_cache, v_cache, ops, True)
+    out_lo, _ = _attend(spec, q, k_cache, v_cache, ops, False)
+    out, out32, out_lo = (np.asarray(x, np.float32) for x in (out, out32, out_lo))
+    assert np.isfinite(out).all()
+    err, low_err = np.abs(out - out32).max(), np.abs(out_lo - out32).max()
+    assert err <= 2 * low_err + 1e-5, (err, low_err)
+    lse32 = np.asarray(lse32)
+    np.testing.assert_array_equal(np.isposinf(lse), np.isposinf(lse32))
+    finite = np.isfinite(lse32)
+    np.testing.assert_allclose(lse[finite], lse32[finite], rtol=1e-4, atol=1e-4)
+
+
+HEADS = [(4, 4), (6, 2), (8, 1), (32, 1)]
+WINDOWS = [dict(), dict(causal=True), dict(window_size=(20, 0)), dict(window_size=(5, 3)),
+           dict(window_size=(-1, 1)), dict(softcap=5.0), dict(causal=True, softcap=30.0)]
+
+
+def _sample(n, seed=0):
+    rnd = random.Random(seed)
+    cases = []
+    for i in range(n):
+        seqlen_new = rnd.choice([0, 0, 1, 3])
+        cases.append(dict(
+            seed=i, dtype=rnd.choice([jnp.float16, jnp.bfloat16]), head_dim=rnd.choice([32, 64]),
+            heads=rnd.choice(HEADS), seqlen_q=rnd.choice([1, 3, 16]),
+            seqlen_cache=rnd.choice([1, 40, 130, 200]),
+            page_size=rnd.choice([0, 0, 1, 16, 48, 64]), seqlen_new=seqlen_new,
+            rotary=rnd.choice([None, (16, True), (32, False)]) if seqlen_new else None,
+            batch_idx=rnd.random() < 0.3, leftpad=rnd.random() < 0.3, alibi=rnd.random() < 0.3,
+            adversarial=rnd.random() < 0.3, num_splits=rnd.choice([1, 2, 3, 7]),
+            block_m=rnd.choice([64, 32]), opts=rnd.choice(WINDOWS)))
+    return cases
+
+
+# Each case compiles its own reference (a few seconds on the CI's 2 cores):
+# a small sample by default, JAX_FLASH_MODEL_CASES=200 for a wider one.
+@pytest.mark.parametrize("case", _sample(int(os.environ.get("JAX_FLASH_MODEL_CASES", "16"))),
+                         ids=lambda c: f"case{c['seed']}")
+def test_model_matches_reference(case):
+    case = dict(case)
+    num_splits, block_m, opts = case.pop("num_splits"), case.pop("block_m"), case.pop("opts")
+    _check(make_case(**case), num_splits, block_m, **opts)
+
+
+def test_splits_see_disjoint_tiles():
+    # Every visible key's tile lies in exactly one split, whatever the split
+    # count and the key range.
+    for begin in range(0, 200, 7):
+        for end in range(begin + 1, 400, 13):
+            for splits in (1, 2, 3, 5, 64):
+                first, last = begin // 64, -(-end // 64)
+                per = -(-(last - first) // splits)
+                covered = []
+                for s in range(splits):
+                    lo = min(first + s * per, last)
+                    covered += range(lo, min(lo + per, last))
+                assert covered == list(range(first, last))
+
+
+requires_extension = pytest.mark.skipif(not extension.has_kernels(),
+                                        reason="needs the compiled extension (jax_flash._C)")
+
+
+@requires_extension
+def test_split_plan():
+    plan = extension._C.kvcache_plan
+    h200 = dict(num_sms=132, smem_per_sm=233472)
+    d = extension.compiled_head_dims()[0]
+    # Few blocks, long cache: splits up to two waves, at least 256 keys
+    # each, equal runs of tiles.
+    p = plan(1, 1, 32, 8, d, 32768, 0, **h200)
+    assert 1 < p["num_splits"] <= 128 and p["m_blocks"] == 1
+    tiles = 32768 // p["block_n"]
+    per = -(-tiles // p["num_splits"])
+    assert per * p["block_n"] >= 256 and -(-tiles // per) == p["num_splits"]
+    assert p["out_accum_shape"] == (p["num_splits"], 1, 32, 1, d)
+    assert p["lse_accum_shape"] == (p["num_splits"], 1, 32, 1)
+    # Enough blocks for two waves: no split, no scratch.
+    p = plan(64, 1, 32, 8, d, 8192, 0, **h200)
+    assert p["num_splits"] == 1 and p["out_accum_shape"] == (0,) == p["lse_accum_shape"]
+    # Short caches are not split below 256 keys a split.
+    assert plan(1, 1, 32, 8, d, 300, 0, **h200)["num_splits"] == 1
+    # A request is honoured up to the tiles and kMaxSplits.
+    assert plan(2, 1, 8, 8, d, 1000, 3, **h200)["num_splits"] == 3
+    assert plan(2, 1, 8, 8, d, 100, 9, **h200)["num_splits"] == 2
+    assert plan(2, 1, 8, 8, d, 10 ** 6, 1000, **h200)["num_splits"] == 128
+    # Rows: the group's query heads x seqlen_q, in blocks of block_m.
+    p = plan(1, 16, 32, 1, d, 64, 1, **h200)
+    assert p["block_m"] in (32, 64) and p["m_blocks"] == 512 // p["block_m"]
+    assert plan(1, 1, 4, 4, d - 4, 64, 1, **h200)["head_dim_padded"] == d
+    with pytest.raises(ValueError, match="headdim"):
+        plan(1, 1, 4, 4, 300, 64, 0, **h200)
