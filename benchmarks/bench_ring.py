@@ -3,13 +3,17 @@
 For every n in --ngpus (default: all visible devices, and 1) and every total
 sequence length T in --tokens (default 128k, 256k, 512k, 1M), causal
 attention in bfloat16, batch 1, 32 query heads, 8 K/V heads (GQA), head dim
-128 (all configurable), forward and forward+backward, three implementations:
+128 (all configurable), forward and forward+backward, four implementations:
 
-  ring       jax_flash.ring.ring_attention inside jax.shard_map, the sequence
-             sharded over the n devices in the zigzag layout (device i holds
-             chunks i and 2n-1-i of 2n), K/V blocks passed round the ring
-             with collective-permutes.
-  allgather  inside the same shard_map: all-gather K and V over the axis
+  ring       jax_flash.ring.ring_attention(kv_exchange="ring") inside
+             jax.shard_map, the sequence sharded over the n devices in the
+             zigzag layout (device i holds chunks i and 2n-1-i of 2n), K/V
+             blocks passed round the ring with collective-permutes.
+  allgather  the same call with kv_exchange="allgather": one all-gather of
+             K/V, the ring's per-step block calls on the gathered blocks, a
+             reduce-scatter of dK/dV in the backward.
+  allgather_varlen
+             inside the same shard_map: all-gather K and V over the axis
              (tiled), then one local flash_attn_varlen_func. Exact causal
              masking in the zigzag layout: the device's two query chunks
              become two variable-length sequences whose keys are the
@@ -42,12 +46,12 @@ Definitions (also stored in the JSON under "definitions"):
                   hidden, no merge overhead); the ring's steps are mostly
                   non-causal half blocks, which can run a little faster per
                   FLOP than one causal call, so values slightly above 1 are
-                  possible. Same definition for allgather.
+                  possible. Same definition for the all-gather rows.
 
 Equality check (--check-tokens, default 4096, one ring over the largest n):
 the ring's output and gradients (jax.vjp with a random cotangent) against
 flash_attn_func on one GPU on the same global inputs, and both (and
-allgather) against jax_flash.reference.attention_ref in float32 by
+both all-gathers) against jax_flash.reference.attention_ref in float32 by
 FlashAttention's rule: max error vs float32 within 2x (out) / 3x (dq, dk,
 dv) of the same reference computed in bfloat16, plus 1e-5. Stored under
 "check" with every error and the verdict.
@@ -108,7 +112,7 @@ import jax_flash  # noqa: E402
 from jax_flash import reference  # noqa: E402
 from jax_flash.ring import ring_attention, zigzag_shard  # noqa: E402
 
-IMPLS = ("ring", "allgather", "single")
+IMPLS = ("ring", "allgather", "allgather_varlen", "single")
 LONG_CALL_S = 1.0
 AXIS = "sp"
 
@@ -124,7 +128,11 @@ DEFINITIONS = {
                   "the measured time (= tflops_per_gpu / the one-GPU call's TFLOP/s); 1.0 = "
                   "the single-GPU rate, values slightly above 1 possible (the ring's steps are "
                   "mostly non-causal half blocks)",
-    "allgather": "exact causal: all-gather K/V (tiled) inside shard_map, one jnp.take into "
+    "ring": "ring_attention(causal=True, layout='zigzag', kv_exchange='ring')",
+    "allgather": "ring_attention(causal=True, layout='zigzag', kv_exchange='allgather'): one "
+                 "all-gather of K/V, the ring's per-step calls on the gathered blocks, a "
+                 "reduce-scatter of dK/dV",
+    "allgather_varlen": "exact causal: all-gather K/V (tiled) inside shard_map, one jnp.take into "
                  "per-query-chunk natural-order key prefixes (T + T/(2n) rows), "
                  "flash_attn_varlen_func(causal=True) with two sequences per batch element "
                  "(bottom-right aligned); the take is timed",
@@ -143,11 +151,12 @@ def make_mesh(n):
                              axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def ring_fn(mesh):
+def ring_fn(mesh, kv_exchange="ring"):
     """Global (b, T, h, d) arrays in zigzag order -> the output, zigzag order."""
     spec = P(None, AXIS)
     return jax.shard_map(
-        lambda q, k, v: ring_attention(q, k, v, axis_name=AXIS, causal=True, layout="zigzag"),
+        lambda q, k, v: ring_attention(q, k, v, axis_name=AXIS, causal=True, layout="zigzag",
+                                       kv_exchange=kv_exchange),
         mesh=mesh, in_specs=spec, out_specs=spec)
 
 
@@ -156,8 +165,8 @@ def zigzag_order(n, seqlen):
     return np.asarray(zigzag_shard(np.arange(seqlen)[None], n))[0]
 
 
-def allgather_fn(mesh, n, batch, tokens, nheads, nheads_k, headdim):
-    """The all-gather variant; same signature and layout as ring_fn."""
+def allgather_varlen_fn(mesh, n, batch, tokens, nheads, nheads_k, headdim):
+    """All-gather + one varlen call; same layout as ring_fn."""
     local = tokens // n
     half = local // 2
     rows = tokens + half  # keys of both query chunks: (i + 1) + (2n - i) chunks
@@ -225,7 +234,7 @@ def vjp(fn, q, k, v, d_out):
 
 
 def equality_check(a, n):
-    """Ring (and allgather) over n devices vs flash_attn_func on one device
+    """Ring (and the all-gathers) over n devices vs flash_attn_func on one device
     and vs attention_ref in float32, by FlashAttention's rule."""
     tokens, b = a.check_tokens, a.batch
     result = dict(n=n, tokens=tokens, batch=b, nheads=a.nheads, nheads_k=a.nheads_k,
@@ -244,8 +253,9 @@ def equality_check(a, n):
     sharded = NamedSharding(mesh, P(None, AXIS))
     zz = [jax.device_put(x[:, order], sharded) for x in host]
     results = {}
-    impls = {"ring": ring_fn(mesh),
-             "allgather": allgather_fn(mesh, n, b, tokens, a.nheads, a.nheads_k, a.headdim)}
+    impls = {"ring": ring_fn(mesh), "allgather": ring_fn(mesh, "allgather"),
+             "allgather_varlen": allgather_varlen_fn(mesh, n, b, tokens, a.nheads, a.nheads_k,
+                                                     a.headdim)}
     for name, fn in impls.items():
         try:
             out = jax.jit(lambda q, k, v, d, fn=fn: vjp(fn, q, k, v, d))(*zz)
@@ -268,7 +278,7 @@ def equality_check(a, n):
         r32, low = flat["ref32"][j], flat["ref_bf16"][j]
         low_err = float(np.abs(low - r32).max())
         entry = {"ref_bf16_err": low_err}
-        for name in ("ring", "allgather", "single"):
+        for name in (*impls, "single"):
             if name not in flat:
                 continue
             x = flat[name][j]
@@ -280,7 +290,7 @@ def equality_check(a, n):
                 entry[f"{name}_vs_single_max_abs"] = float(np.abs(x - flat["single"][j]).max())
         errors[what] = entry
     result["errors"] = errors
-    result["pass"] = bool(ok and "ring" in flat and "allgather" in flat)
+    result["pass"] = bool(ok and all(name in flat for name in impls))
     return result
 
 
@@ -416,9 +426,9 @@ def main():
                     if "skipped" not in row:
                         try:
                             mesh = make_mesh(n)
-                            fn = (ring_fn(mesh) if impl == "ring" else
-                                  allgather_fn(mesh, n, a.batch, tokens, a.nheads, a.nheads_k,
-                                               a.headdim))
+                            fn = (allgather_varlen_fn(mesh, n, a.batch, tokens, a.nheads,
+                                                      a.nheads_k, a.headdim)
+                                  if impl == "allgather_varlen" else ring_fn(mesh, impl))
                             sets = make_inputs(a.seed, a.batch, tokens, a.nheads, a.nheads_k,
                                                a.headdim, NamedSharding(mesh, P(None, AXIS)))
                             sec = timed(jax_benchmark_fn(fn, mode), sets, a.repeats)

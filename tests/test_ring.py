@@ -70,13 +70,14 @@ def documents(seed, batch, seqlen):
     return jnp.asarray(np.cumsum(starts, axis=1) + 10 * np.arange(batch)[:, None], jnp.int32)
 
 
-def ring_fn(mesh, axis_name, spec, *, layout, causal, **opts):
+def ring_fn(mesh, axis_name, spec, *, layout, causal, kv_exchange="ring", **opts):
     """The ring as a global function: (q, k, v[, ids]) in layout order,
     sharded over axis_name by `spec` -> the output in layout order."""
 
     def local(q, k, v, *ids):
         return ring_attention(q, k, v, axis_name=axis_name, causal=causal, layout=layout,
-                              segment_ids=(ids[0], ids[0]) if ids else None, **opts)
+                              segment_ids=(ids[0], ids[0]) if ids else None,
+                              kv_exchange=kv_exchange, **opts)
 
     return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)
 
@@ -118,11 +119,12 @@ def ring_vjp(fn, q, k, v, d_out, ids=None, permute=0):
 
 
 def references(q, k, v, d_out, ids=None, *, causal, softmax_scale=None, softcap=0.0,
-               deterministic=False):
+               deterministic=False, window_size=(-1, -1)):
     """(out, grads) of the unsharded flash_attn_func, of attention_ref in
     float32 (float32 inputs) and of attention_ref in the input dtype."""
     seg = dict(q_segment_ids=ids, kv_segment_ids=ids)
-    opts = dict(causal=causal, softmax_scale=softmax_scale, softcap=softcap)
+    opts = dict(causal=causal, softmax_scale=softmax_scale, softcap=softcap,
+                window_size=window_size)
 
     def all_three(q, k, v, d_out, ids):
         flash = vjp(lambda q, k, v: jax_flash.flash_attn_func(
@@ -156,7 +158,8 @@ def check_ring(ring, flash, ref32, low):
 
 
 def run_case(*, n, layout, causal, local=8, heads=(4, 2), dtype=jnp.bfloat16, batch=2,
-             segments=False, permute=None, mesh_shape=None, seed=0, **opts):
+             segments=False, permute=None, mesh_shape=None, seed=0, kv_exchange="ring",
+             **opts):
     """Ring over n devices vs the unsharded call (check_ring). Returns the
     ring's (out, grads), a function recomputing them (a fresh jit) and the
     inputs, for extra checks."""
@@ -169,7 +172,8 @@ def run_case(*, n, layout, causal, local=8, heads=(4, 2), dtype=jnp.bfloat16, ba
         permute = layout == "zigzag" and seqlen % (2 * n) == 0
     q, k, v, d_out = inputs(seed, batch, seqlen, heads, dtype=dtype)
     ids = documents(seed + 1, batch, seqlen) if segments else None
-    fn = ring_fn(mesh, axis, spec, layout=layout, causal=causal, **opts)
+    fn = ring_fn(mesh, axis, spec, layout=layout, causal=causal, kv_exchange=kv_exchange,
+                 **opts)
     ring = ring_vjp(fn, q, k, v, d_out, ids, permute=n if permute else 0)
     check_ring(ring, *references(q, k, v, d_out, ids, causal=causal, **opts))
     return ring, lambda: ring_vjp(fn, q, k, v, d_out, ids, permute=n if permute else 0), (
@@ -254,6 +258,135 @@ def test_outside_shard_map_names_the_axis():
         ring_attention(q, k, v, axis_name="sp", causal=True)
 
 
+# ---- Local windows and the all-gather exchange ------------------------------------
+
+
+WINDOWS = {
+    # window below one chunk: a diagonal band and one neighbour step
+    "contiguous-causal-w3-n4": dict(n=4, layout="contiguous", causal=True, window_size=(3, 0)),
+    # a window over more than one device's chunk, odd local length
+    "contiguous-causal-w11-n4": dict(n=4, layout="contiguous", causal=True, local=7,
+                                     window_size=(11, -1)),
+    "contiguous-both-n4": dict(n=4, layout="contiguous", causal=False, local=7,
+                               window_size=(5, 2)),
+    "contiguous-left-only-n3-mqa": dict(n=3, layout="contiguous", causal=False, local=5,
+                                        window_size=(4, -1), heads=(4, 1)),
+    "contiguous-right-only-n2-softcap": dict(n=2, layout="contiguous", causal=False, local=9,
+                                             window_size=(-1, 6), softcap=2.0),
+    "zigzag-causal-w5-n4": dict(n=4, layout="zigzag", causal=True, window_size=(5, 0)),
+    "zigzag-causal-w17-n4-fp16": dict(n=4, layout="zigzag", causal=True, local=10,
+                                      window_size=(17, 0), dtype=jnp.float16),
+    "zigzag-both-n2-mha": dict(n=2, layout="zigzag", causal=False, local=10,
+                               window_size=(2, 9), heads=(4, 4)),
+    "zigzag-right-only-n4": dict(n=4, layout="zigzag", causal=False, local=6,
+                                 window_size=(-1, 3), softmax_scale=0.4),
+    "zigzag-zero-window-n2": dict(n=2, layout="zigzag", causal=False, window_size=(0, 0)),
+    # a window wider than the sequence is no window (the causal ring)
+    "contiguous-causal-w1000-n2": dict(n=2, layout="contiguous", causal=True,
+                                       window_size=(1000, 0)),
+    # the same computations on the gathered K/V
+    "allgather-zigzag-causal-n4": dict(n=4, layout="zigzag", causal=True,
+                                       kv_exchange="allgather"),
+    "allgather-contiguous-full-n3-segments": dict(n=3, layout="contiguous", causal=False,
+                                                  segments=True, local=5,
+                                                  kv_exchange="allgather"),
+    "allgather-zigzag-causal-n8-segments-mqa": dict(n=8, layout="zigzag", causal=True,
+                                                    segments=True, heads=(4, 1),
+                                                    kv_exchange="allgather"),
+    "allgather-contiguous-window-n4": dict(n=4, layout="contiguous", causal=False, local=7,
+                                           window_size=(5, 2), kv_exchange="allgather"),
+    "allgather-zigzag-window-n4-det": dict(n=4, layout="zigzag", causal=True,
+                                           window_size=(5, 0), kv_exchange="allgather",
+                                           deterministic=True),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDOWS), ids=list(WINDOWS))
+def test_ring_windows_and_allgather(case):
+    run_case(seed=len(case) + 1, **WINDOWS[case])
+
+
+def test_allgather_over_two_mesh_axes():
+    mesh = lambda: (make_mesh((2, 2), ("a", "b")), ("a", "b"), P(None, ("a", "b")))
+    run_case(n=4, layout="zigzag", causal=True, mesh_shape=mesh, kv_exchange="allgather")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+def test_pair_case_is_the_global_window(size):
+    # Every pair placement and window: the sliced, bottom-right aligned call
+    # that _pair_case describes sees exactly the keys the global window allows.
+    from jax_flash.ring import _pair_case
+    a = np.arange(size)[:, None]
+    b = np.arange(size)[None, :]
+    for delta in range(-3 * size, 3 * size + 1):
+        for left in range(-1, 2 * size + 2):
+            for right in range(-1, 2 * size + 2):
+                want = np.ones((size, size), bool)
+                if left >= 0:
+                    want &= b - a >= delta - left
+                if right >= 0:
+                    want &= b - a <= delta + right
+                case = _pair_case(delta, size, left, right)
+                if case is None:
+                    assert not want.any(), (delta, left, right)
+                    continue
+                s, wl, wr = case
+                rows, keys = size - max(s, 0), size + min(s, 0)
+                assert rows >= 1 and keys >= 1 and wl >= -1 and wr >= -1, case
+                got = np.zeros((size, size), bool)
+                ra, rb = np.arange(rows)[:, None], np.arange(keys)[None, :]
+                seen = np.ones((rows, keys), bool)  # flash_attn_func's bottom-right window
+                if wl >= 0:
+                    seen &= rb >= ra + keys - rows - wl
+                if wr >= 0:
+                    seen &= rb <= ra + keys - rows + wr
+                got[:rows, :keys] = seen
+                np.testing.assert_array_equal(got, want, err_msg=str((delta, left, right, case)))
+
+
+def _forward_collectives(n, local, **kw):
+    """Collective op names (with repeats) of the compiled forward ring."""
+    mesh = make_mesh((n,), ("sp",))
+    q, k, v, _ = inputs(0, 1, local * n, (4, 2))
+    fn = ring_fn(mesh, "sp", P(None, "sp"), **kw)
+    text = jax.jit(fn).lower(q, k, v).compile().as_text()
+    return [m.group(1) for m in _COLLECTIVE.finditer(text)]
+
+
+def test_window_skips_steps():
+    # n = 4, 8 positions per device, causal window of 3: only the step from
+    # the previous device holds visible keys, so K and V move once (two
+    # permutes) where the causal ring moves them n - 1 = 3 times.
+    causal = _forward_collectives(4, 8, layout="contiguous", causal=True)
+    window = _forward_collectives(4, 8, layout="contiguous", causal=True, window_size=(3, 0))
+    assert causal == ["collective-permute"] * 6, causal
+    assert window == ["collective-permute"] * 2, window
+    # left and right: the previous and the next device's keys: one jump of 1,
+    # one of n - 2 places.
+    both = _forward_collectives(4, 8, layout="contiguous", causal=False, window_size=(3, 3))
+    assert both == ["collective-permute"] * 4, both
+
+
+def test_allgather_compiles_to_gather_and_reduce_scatter():
+    n = 4
+    mesh = make_mesh((n,), ("sp",))
+    q, k, v, d_out = inputs(0, 2, 8 * n, (4, 2))
+    fn = ring_fn(mesh, "sp", P(None, "sp"), layout="zigzag", causal=True,
+                 kv_exchange="allgather")
+    text = jax.jit(lambda q, k, v, d_out: vjp(fn, q, k, v, d_out)).lower(
+        q, k, v, d_out).compile().as_text()
+    found = {m.group(1) for m in _COLLECTIVE.finditer(text)}
+    assert found == {"all-gather", "reduce-scatter"}, found
+
+
+def test_auto_exchange_follows_the_byte_threshold(monkeypatch):
+    small = set(_forward_collectives(2, 8, layout="zigzag", causal=True, kv_exchange="auto"))
+    assert small == {"all-gather"}, small
+    monkeypatch.setattr(jax_flash.ring, "ALLGATHER_AUTO_BYTES", 0)
+    large = set(_forward_collectives(2, 8, layout="zigzag", causal=True, kv_exchange="auto"))
+    assert large == {"collective-permute"}, large
+
+
 # ---- Meshes of two axes -----------------------------------------------------------
 
 
@@ -335,15 +468,21 @@ def _trace_ring(q_len, k_len, dtype=jnp.bfloat16, **kw):
 
 @pytest.mark.parametrize("args,kw,error,match", [
     ((8, 8), dict(layout="diagonal"), ValueError, r"layout must be one of .*got 'diagonal'"),
-    ((8, 8), dict(window_size=(4, 0)), ValueError,
-     r"window_size must be \(-1, -1\) .*got \(4, 0\)"),
+    ((8, 8), dict(window_size=(4, 0), layout="contiguous", kv_exchange="all"), ValueError,
+     r"kv_exchange must be one of \('auto', 'ring', 'allgather'\), got 'all'"),
+    ((8, 8), dict(window_size=(4, -1), segment_ids=(jnp.zeros((1, 8), jnp.int32),) * 2),
+     ValueError, r"segment_ids must be None with a local window .*\(4, -1\).*got segment ids"),
+    ((7, 7), dict(window_size=(4, 4), layout="zigzag"), ValueError,
+     r"q must have an even seqlen_local for the zigzag layout .*got \(1, 7, 2, 32\)"),
+    ((8, 8), dict(window_size=(-2, 0)), ValueError, r"window_size entries must be >= -1"),
     ((8, 6), {}, ValueError,
      r"q and k must hold the same positions \(seqlen_local\).*q \(1, 8, 2, 32\) and k "
      r"\(1, 6, 2, 32\)"),
     ((7, 7), dict(causal=True, layout="zigzag"), ValueError,
      r"q must have an even seqlen_local for the zigzag layout .*got \(1, 7, 2, 32\)"),
     ((8, 8), dict(dtype=jnp.float32), TypeError, "q must be float16 or bfloat16, got float32"),
-], ids=["layout", "window_size", "seqlen_mismatch", "zigzag_causal_odd", "dtype"])
+], ids=["layout", "kv_exchange", "window_segments", "zigzag_window_odd", "window_negative",
+        "seqlen_mismatch", "zigzag_causal_odd", "dtype"])
 def test_errors(args, kw, error, match):
     with pytest.raises(error, match=match):
         _trace_ring(*args, **kw)
