@@ -133,8 +133,13 @@ def test_errors():
     with pytest.raises(ValueError, match="dropout_p must be 0 with block_table"):
         call(q, kc, vc, cu, None, 3, 5, dropout_p=0.1, dropout_key=jax.random.key(0),
              block_table=table, seqused_k=seqused)
-    with pytest.raises(TypeError, match="k_cache must have q's dtype"):
+    with pytest.raises(TypeError, match="k must have q's dtype"):
         call(q, kc.astype(jnp.float16), vc, cu, None, 3, 5, block_table=table,
              seqused_k=seqused)
+    with pytest.raises(ValueError, match=r"k and v must have the same shape \(num_blocks, "
+                                         r"page_size, nheads_k, headdim\)"):
+        call(q, kc, vc[:, :1], cu, None, 3, 5, block_table=table, seqused_k=seqused)
+    with pytest.raises(ValueError, match=r"v must have rank 4"):
+        call(q, kc, vc[0], cu, None, 3, 5, block_table=table, seqused_k=seqused)
     with pytest.raises(ValueError, match="q must have rank 3"):
         call(q[None], kc, vc, cu, None, 3, 5, block_table=table, seqused_k=seqused)

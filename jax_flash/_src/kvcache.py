@@ -115,24 +115,27 @@ def _rank4(name: str, x, layout: str, dtype) -> None:
         raise TypeError(f"{name} must have q's dtype {dtype}, got {x.dtype}")
 
 
-def _caches(q, k_cache, v_cache, block_table):
-    """(batch_cache, seqlen_cache, page_size) after checking the caches."""
+def _caches(q, k_cache, v_cache, block_table, names=("k_cache", "v_cache")):
+    """(batch_cache, seqlen_cache, page_size) after checking the caches;
+    `names` are the caller's argument names for them."""
     batch, _, nheads, head_dim = q.shape
+    k_name, v_name = names
     paged = block_table is not None
     layout = ("(num_blocks, page_size, nheads_k, headdim)" if paged
               else "(batch_cache, seqlen_cache, nheads_k, headdim)")
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, x in ((k_name, k_cache), (v_name, v_cache)):
         _rank4(name, x, layout, q.dtype)
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape {layout}, got "
-                         f"k_cache {shape_str(k_cache)} and v_cache {shape_str(v_cache)}")
+        raise ValueError(f"{k_name} and {v_name} must have the same shape {layout}, got "
+                         f"{k_name} {shape_str(k_cache)} and {v_name} {shape_str(v_cache)}")
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache must have headdim {head_dim} like q {shape_str(q)}, "
-                         f"got k_cache {shape_str(k_cache)}")
+        raise ValueError(f"{k_name} must have headdim {head_dim} like q, "
+                         f"got {k_name} {shape_str(k_cache)}")
     nheads_k = k_cache.shape[2]
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise ValueError(
-            f"nheads of q ({nheads}) must be a multiple of nheads of k_cache/v_cache ({nheads_k})")
+            f"nheads of q ({nheads}) must be a multiple of nheads of {k_name}/{v_name} "
+            f"({nheads_k})")
     if not paged:
         return k_cache.shape[0], k_cache.shape[1], 0
     _array("block_table", block_table, "an int32 array (batch, max_blocks_per_seq)")
@@ -143,7 +146,7 @@ def _caches(q, k_cache, v_cache, block_table):
                          f"{batch}, got {shape_str(block_table)}")
     num_blocks, page_size = k_cache.shape[:2]
     if num_blocks < 1 or page_size < 1:
-        raise ValueError(f"k_cache must have num_blocks >= 1 and page_size >= 1 when paged "
+        raise ValueError(f"{k_name} must have num_blocks >= 1 and page_size >= 1 when paged "
                          f"(num_blocks, page_size, nheads_k, headdim), got {shape_str(k_cache)}")
     return num_blocks, block_table.shape[1] * page_size, page_size
 
@@ -227,8 +230,10 @@ def _cache_seqlens(cache_seqlens, batch: int, seqlen_cache: int, seqlen_new: int
 def bind(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
          cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
          softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-         rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
-    """The public function's arguments -> (spec, operands), validating all.
+         rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+         cache_names=("k_cache", "v_cache")):
+    """The public function's arguments -> (spec, operands), validating all;
+    `cache_names` name the caches in messages (flash_attn_varlen_func's k, v).
 
     Raises:
       TypeError, ValueError: naming the argument, the expected and the actual.
@@ -237,7 +242,8 @@ def bind(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
     batch, seqlen_q, nheads, head_dim = q.shape
     if head_dim > validate.MAX_HEAD_DIM or head_dim < 1:
         raise ValueError(f"headdim must be in [1, {validate.MAX_HEAD_DIM}], got {head_dim}")
-    batch_cache, seqlen_cache, page_size = _caches(q, k_cache, v_cache, block_table)
+    batch_cache, seqlen_cache, page_size = _caches(q, k_cache, v_cache, block_table,
+                                                    cache_names)
     paged = block_table is not None
     seqlen_new = _new_kv(q, k_cache, k, v)
     if seqlen_new > seqlen_cache:

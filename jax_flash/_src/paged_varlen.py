@@ -62,7 +62,7 @@ def run(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, max_seqlen_k, *, block_
     spec, operands = kvcache_lib.bind(
         q_pad, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes)
+        alibi_slopes=alibi_slopes, cache_names=("k", "v"))
     out, _, _, _ = run_kvcache(spec, (q_pad, k_cache, v_cache, None, None), operands)
     rows = jnp.where(valid, index, total_q).reshape(-1)  # padding: dropped
     return jnp.zeros(q.shape, out.dtype).at[rows].set(
