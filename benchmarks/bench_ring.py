@@ -94,6 +94,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -137,6 +138,10 @@ DEFINITIONS = {
                  "flash_attn_varlen_func(causal=True) with two sequences per batch element "
                  "(bottom-right aligned); the take is timed",
     "single": "flash_attn_func(causal=True) on one GPU at seqlen tokens / n (the baseline)",
+    "temp_bytes_per_device": "the compiled program's temporary buffers on one device "
+                             "(memory_analysis; arguments and outputs not included): linear in "
+                             "the local sequence length for the ring",
+    "collectives": "collective ops in the compiled program (name -> count)",
 }
 
 
@@ -207,6 +212,21 @@ def make_inputs(seed, batch, seqlen, nheads, nheads_k, headdim, sharding, n_sets
                                   for kk, shape in zip(keys, shapes))
         sets.append(jax.jit(make, out_shardings=(sharding,) * 4)(keys))
     return sets
+
+
+_COLLECTIVE = re.compile(r"\b(all-gather|all-to-all|collective-permute|all-reduce|"
+                         r"reduce-scatter|collective-broadcast)(?:-start)?\(")
+
+
+def compiled_facts(compiled):
+    """Per-device temporary memory (bytes) and the collective ops (name ->
+    count) of a compiled program."""
+    counts = {}
+    for m in _COLLECTIVE.finditer(compiled.as_text()):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    memory = compiled.memory_analysis()
+    return {"temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
+            "collectives": counts}
 
 
 def timed(fn, input_sets, repeats):
@@ -345,7 +365,7 @@ def parse_args():
 
 def markdown(rows):
     head = ["mode", "n", "tokens", "local", "impl", "ms", "Mtok/s/GPU", "TFLOP/s/GPU",
-            "1-GPU ms @ local", "efficiency"]
+            "1-GPU ms @ local", "efficiency", "temp MiB/GPU", "collectives"]
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -357,7 +377,11 @@ def markdown(rows):
                  fmt(ms, ".3f") if ms is not None else status,
                  fmt(r.get("tokens_per_s_per_gpu") and r["tokens_per_s_per_gpu"] / 1e6, ".3f"),
                  fmt(r.get("tflops_per_gpu"), ".1f"), fmt(r.get("single_ms"), ".3f"),
-                 fmt(r.get("efficiency"), ".3f")]
+                 fmt(r.get("efficiency"), ".3f"),
+                 fmt(r.get("temp_bytes_per_device") and r["temp_bytes_per_device"] / 2**20,
+                     ".1f"),
+                 " ".join(f"{k} {v}" for k, v in sorted(r.get("collectives", {}).items()))
+                 or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -431,7 +455,9 @@ def main():
                                   if impl == "allgather_varlen" else ring_fn(mesh, impl))
                             sets = make_inputs(a.seed, a.batch, tokens, a.nheads, a.nheads_k,
                                                a.headdim, NamedSharding(mesh, P(None, AXIS)))
-                            sec = timed(jax_benchmark_fn(fn, mode), sets, a.repeats)
+                            compiled = jax_benchmark_fn(fn, mode).lower(*sets[0]).compile()
+                            row.update(compiled_facts(compiled))
+                            sec = timed(compiled, sets, a.repeats)
                             del sets
                             factor = 3.5 if mode == "fwd_bwd" else 1.0
                             flops = fwd_flops(a.batch, tokens, a.nheads, a.headdim, True)
