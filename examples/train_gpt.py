@@ -98,9 +98,10 @@ class DotProductAttention(MultiHeadAttention):
             raise ValueError(f"implementation must be 'cudnn' or 'xla', got {implementation!r}")
         self.implementation = implementation
 
-    def __call__(self, x, *, decode: bool = False, deterministic: bool | None = None):
+    def __call__(self, x, *, decode: bool = False, deterministic: bool | None = None,
+                 lengths=None):
         if decode:
-            return super().__call__(x, decode=True)
+            return super().__call__(x, decode=True, lengths=lengths)
         batch, seqlen, _ = x.shape
         H, K = self.num_heads, self.num_kv_heads
         y = self.qkv(x)  # (batch, seqlen, H + 2K, head_dim)
@@ -139,8 +140,8 @@ class Block(nnx.Module):
                                   kernel_init=nnx.initializers.normal(out_std), rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-    def __call__(self, x, *, decode: bool = False, deterministic: bool = False):
-        h = self.attn(self.norm1(x), decode=decode, deterministic=True)
+    def __call__(self, x, *, decode: bool = False, deterministic: bool = False, lengths=None):
+        h = self.attn(self.norm1(x), decode=decode, deterministic=True, lengths=lengths)
         x = x + self.dropout(h, deterministic=deterministic)
         h = self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(x))))
         return x + self.dropout(h, deterministic=deterministic)
@@ -151,7 +152,9 @@ class GPT(nnx.Module):
 
     Call: tokens int (batch, seqlen) -> float32 logits (batch, seqlen,
     vocab_size). With decode=True the tokens are appended to each layer's KV
-    cache (`init_cache` first) and attend to everything cached before them.
+    cache (`init_cache` first) and attend to everything cached before them;
+    `lengths` (batch,) then gives the real rows of right-padded prompts
+    (`MultiHeadAttention`'s varlen prefill).
     """
 
     def __init__(self, cfg: GPTConfig, attention: str = "jax_flash", *, rngs: nnx.Rngs):
@@ -170,10 +173,11 @@ class GPT(nnx.Module):
         for block in self.blocks:
             block.attn.init_cache(batch, max_len, page_size)
 
-    def __call__(self, tokens, *, decode: bool = False, deterministic: bool = False):
+    def __call__(self, tokens, *, decode: bool = False, deterministic: bool = False,
+                 lengths=None):
         x = self.embed(tokens)  # the residual stream stays float32; the blocks compute in bf16
         for block in self.blocks:
-            x = block(x, decode=decode, deterministic=deterministic)
+            x = block(x, decode=decode, deterministic=deterministic, lengths=lengths)
         return self.head(self.norm(x)).astype(jnp.float32)
 
 

@@ -1,7 +1,8 @@
 """jax_flash.flax on CPU: MultiHeadAttention against a plain-jnp
 re-implementation with the same parameters (values and parameter gradients,
 FlashAttention's rule: |ours - plain fp32| <= 2 x |plain bf16 - plain fp32| +
-eps, plus an absolute bound), decoding against one full forward, attention_fn
+eps, plus an absolute bound), decoding against one full forward, the varlen
+prefill (decode=True with lengths) against each sequence decoded alone, attention_fn
 inside Flax's own modules against their default attention, FlashSelf/Cross
 Attention against jax_flash.reference, and every error message."""
 
@@ -20,6 +21,7 @@ from flax import linen, nnx  # noqa: E402
 from jax_flash import flax as jf_flax  # noqa: E402
 from jax_flash import nn as jf_nn  # noqa: E402
 from jax_flash import reference  # noqa: E402
+from jax_flash._src import flax_modules  # noqa: E402
 
 B, F = 2, 40  # batch, in_features
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -305,6 +307,112 @@ def test_decode_overflow_is_clamped():
                                atol=2e-2, rtol=2e-2)
 
 
+# ---- Varlen prefill: decode=True with lengths ----------------------------------------
+
+
+def _logical_rows(model, b, n):
+    """Sequence b's cache rows at logical positions 0 .. n - 1: k and v
+    (n, num_kv_heads, head_dim) float32, through the block table if paged."""
+    k, v = (np.asarray(c[...], np.float32) for c in (model.k_cache, model.v_cache))
+    if model.block_table is None:
+        return k[b, :n], v[b, :n]
+    page_size, p = k.shape[1], np.arange(n)
+    pages = np.asarray(model.block_table[...])[b, p // page_size]
+    return k[pages, p % page_size], v[pages, p % page_size]
+
+
+def _capacity(model):
+    return model.k_cache.shape[1] * (1 if model.block_table is None else
+                                     model.block_table.shape[1])
+
+
+def _check_cache(model, b, expected):
+    """Sequence b's first rows equal expected (k, v); every later row of its
+    capacity is still zero (nothing else was written)."""
+    n = expected[0].shape[0]
+    got = _logical_rows(model, b, _capacity(model))
+    for name, g, e in zip("kv", got, expected):
+        np.testing.assert_allclose(g[:n], e, atol=1e-2, rtol=1e-2, err_msg=f"{name} rows of {b}")
+        assert not np.any(g[n:]), f"{name} rows of sequence {b} past {n} were written"
+
+
+# Two right-padded chunks per sequence (seqlen, lengths): 1, the full 7, even
+# and odd; then the full 5, 0 (nothing appended), 1, 4. Few distinct lengths:
+# each is a compile of its own for the sequences run alone.
+_CHUNKS = ((7, (1, 7, 4, 5)), (5, (5, 0, 1, 4)))
+
+
+@pytest.mark.parametrize("page_size,opts", [
+    (None, dict(causal=True)),
+    (1, dict(causal=True, logits_soft_cap=2.0)),
+    (3, dict(causal=True, sliding_window=2)),
+    (16, dict()),  # not causal: every new row sees all of its sequence's rows
+])
+def test_prefill_lengths_equals_each_sequence_alone(page_size, opts):
+    model = _model(4, 2, rope_theta=10000.0, **opts)  # GQA
+    nb, max_len, steps = len(_CHUNKS[0][1]), 14, 2
+    # numpy inputs: slicing them costs no compile
+    xs = [np.asarray(_rand(40 + i, (nb, s, F))) for i, (s, _) in enumerate(_CHUNKS)]
+    tokens = np.asarray(_rand(42, (nb, steps, F)))
+
+    # The oracle: each sequence alone (batch 1), its real rows only.
+    alone = []
+    for b in range(nb):
+        model.init_cache(1, max_len, page_size)
+        outs, rows = [], []
+        for x, (_, lens) in zip(xs, _CHUNKS):
+            if lens[b]:
+                outs.append(np.asarray(_call(model, x[b:b + 1, :lens[b]], decode=True)[0],
+                                       np.float32))
+            rows.append(_logical_rows(model, 0, int(model.cache_seqlens[0])))
+        for i in range(steps):
+            outs.append(np.asarray(_call(model, tokens[b:b + 1, i:i + 1], decode=True)[0],
+                                   np.float32))
+        alone.append((np.concatenate(outs), rows, _logical_rows(model, 0, _capacity(model))))
+
+    model.init_cache(nb, max_len, page_size)
+    got = [[] for _ in range(nb)]
+    for c, (x, (seqlen, lens)) in enumerate(zip(xs, _CHUNKS)):
+        out = np.asarray(_call(model, x, decode=True, lengths=jnp.asarray(lens, jnp.int32)),
+                         np.float32)
+        assert out.shape == (nb, seqlen, F)
+        for b, n in enumerate(lens):
+            assert np.all(out[b, n:] == 0), f"padded rows of sequence {b}, chunk {c}"
+            got[b].append(out[b, :n])
+            _check_cache(model, b, alone[b][1][c])
+    np.testing.assert_array_equal(np.asarray(model.cache_seqlens[...]),
+                                  [sum(c[1][b] for c in _CHUNKS) for b in range(nb)])
+    for i in range(steps):
+        out = np.asarray(_call(model, tokens[:, i:i + 1], decode=True), np.float32)
+        for b in range(nb):
+            got[b].append(out[b])
+    for b in range(nb):
+        np.testing.assert_allclose(np.concatenate(got[b]), alone[b][0], atol=1e-2, rtol=1e-2,
+                                   err_msg=f"sequence {b}")
+        n = int(model.cache_seqlens[b])
+        _check_cache(model, b, tuple(r[:n] for r in alone[b][2]))
+
+
+def test_prefill_lengths_are_clamped():
+    model = _model(4, 2, causal=True, rope_theta=10000.0)
+    x1, x2 = _rand(43, (B, 5, F)), _rand(44, (B, 5, F))
+    model.init_cache(B, 8, page_size=3)  # capacity 9
+    out = _call(model, x1, decode=True, lengths=jnp.asarray([-3, 99], jnp.int32))  # [0, 5]
+    assert not np.any(np.asarray(out[0], np.float32))
+    np.testing.assert_array_equal(np.asarray(model.cache_seqlens[...]), [0, 5])
+    # 5 + 5 > 9 rows for sequence 1: its write position is clamped to 9 - 5
+    # (its last row overwritten), as decode=True without lengths clamps it.
+    out = _call(model, x2, decode=True, lengths=jnp.asarray([2, 5], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(model.cache_seqlens[...]), [2, 9])
+    assert not np.any(np.asarray(out[0, 2:], np.float32))
+    model.init_cache(1, 8, page_size=3)
+    _call(model, x1[1:], decode=True)
+    ref = _call(model, x2[1:], decode=True)
+    np.testing.assert_array_equal(np.asarray(model.cache_seqlens[...]), [9])
+    np.testing.assert_allclose(np.asarray(out[1:], np.float32), np.asarray(ref, np.float32),
+                               atol=1e-2, rtol=1e-2)
+
+
 # ---- attention_fn in Flax's modules ---------------------------------------------------
 
 
@@ -367,7 +475,7 @@ def test_attention_fn_dropout_in_nnx_mha():
 def test_attention_fn_sow_weights_falls_back(monkeypatch):
     ours, theirs = _nnx_pair()
     x = _rand(15, (B, 7, F))
-    monkeypatch.setattr(jf_flax, "_WARNED", set())
+    monkeypatch.setattr(flax_modules, "_WARNED", set())
     with pytest.warns(UserWarning, match="sow_weights"):
         out = ours(x, sow_weights=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(_jcall(theirs, x)),
@@ -410,7 +518,7 @@ def test_attention_fn_dropout_with_mask_falls_back(monkeypatch):
     q, k, v = (_rand(30 + i, (B, 7, 4, 32)) for i in range(3))
     mask = jnp.asarray(np.random.RandomState(3).rand(B, 1, 7, 7) < 0.7)
     kw = dict(mask=mask, dropout_rate=0.3, dropout_rng=jax.random.key(5))
-    monkeypatch.setattr(jf_flax, "_WARNED", set())
+    monkeypatch.setattr(flax_modules, "_WARNED", set())
     with pytest.warns(UserWarning, match="dropout with a mask"):
         out = jax.jit(lambda *a: jf_flax.attention_fn(*a, **kw))(q, k, v)
     ref = jax.jit(lambda *a: nnx.dot_product_attention(*a, **kw))(q, k, v)
@@ -561,8 +669,21 @@ def test_mha_call_errors():
         model(x, segment_ids=jnp.ones((B, 6)))
     with pytest.raises(ValueError, match="positions are rotary positions and need rope_theta"):
         model(x, positions=jnp.zeros((B, 6), jnp.int32))
+    with pytest.raises(ValueError, match=r"lengths \(the rows each sequence appends to the "
+                       r"cache\) needs decode=True, got decode=False"):
+        model(x, lengths=jnp.full((B,), 6, jnp.int32))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(batch,\) = \(2,\), got "
+                       r"\(2, 1\)"):
+        model(x, decode=True, lengths=jnp.ones((B, 1), jnp.int32))
+    with pytest.raises(TypeError, match=r"lengths must be an integer array of shape \(2,\), "
+                       "got dtype float32"):
+        model(x, decode=True, lengths=jnp.ones((B,), jnp.float32))
+    with pytest.raises(TypeError, match="lengths must be an integer array .* got list"):
+        model(x, decode=True, lengths=[6, 6])
     with pytest.raises(ValueError, match="call init_cache"):
         model(x, decode=True)
+    with pytest.raises(ValueError, match="call init_cache"):
+        model(x, decode=True, lengths=jnp.full((B,), 6, jnp.int32))
     with pytest.raises(ValueError, match="page_size must be an int >= 1, got 0"):
         model.init_cache(B, 8, page_size=0)
     with pytest.raises(ValueError, match="max_len must be an int >= 1, got 0"):
@@ -574,6 +695,8 @@ def test_mha_call_errors():
         model(x[:1], decode=True)
     with pytest.raises(ValueError, match="capacity 4 with decode=True, got seqlen 6"):
         model(x, decode=True)
+    with pytest.raises(ValueError, match="capacity 4 with decode=True, got seqlen 6"):
+        model(x, decode=True, lengths=jnp.full((B,), 3, jnp.int32))
     with pytest.raises(ValueError, match="padding_mask must be None with decode=True"):
         model(x[:, :2], decode=True, padding_mask=jnp.ones((B, 2), bool))
     dropping = _model(4, 2, dropout_rate=0.1)
