@@ -21,7 +21,11 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   constexpr auto kernel = &decode_kernel<Traits>;
   cudaError_t err = opt_in_shared_memory<kernel>(kSmem);
   if (err != cudaSuccess) return err;
-  const unsigned grid_x = static_cast<unsigned>(params.num_splits) * params.m_blocks;
+  // Grid x takes at most 2^31 - 1 blocks (reachable only with many explicit
+  // splits of ~2^24 query rows per K/V head).
+  const int64_t blocks_x = int64_t(params.num_splits) * params.m_blocks;
+  if (blocks_x > int64_t{0x7fffffff}) return cudaErrorInvalidConfiguration;
+  const unsigned grid_x = static_cast<unsigned>(blocks_x);
   err = launch_grids(params, grid_x, params.nheads_k, params.batch,
                      [&](const DecodeParams& part, dim3 grid) {
                        kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part);

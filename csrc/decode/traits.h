@@ -34,9 +34,10 @@ struct DecodeTraits {
   static constexpr int kSmemBytes = decode_smem_bytes(kHeadDim);
 
   // Epilogue, over the K/V stages once the main loop is done: each warp's
-  // 16 x kHeadDim O accumulator (rows padded by 4 floats: the float2 writes
-  // of a quad's rows then fall in different banks), row maxima, row sums.
-  static constexpr int kMergeRowFloats = kHeadDim + 4;
+  // 16 x kHeadDim O accumulator (rows padded by 8 floats: a half-warp's
+  // float2 writes, 4 rows x 8 words, then cover the 32 banks once), row
+  // maxima, row sums.
+  static constexpr int kMergeRowFloats = kHeadDim + 8;
   static constexpr int kMergeBytes = kNWarps * 16 * (kMergeRowFloats + 2) * 4;
 
   // ---- Copies ------------------------------------------------------------------

@@ -121,7 +121,7 @@ Status CheckInputs(const KVCacheInputs& in, const KVCacheAttrs& a, Sizes* z) {
   }
   for (int64_t n : {z->batch, z->seqlen_q, z->nheads, z->num_pages, z->page_size, z->max_blocks,
                     z->seqlen_cache, z->nheads * z->seqlen_q}) {
-    if (n > kMaxSize) {
+    if (n >= kMaxSize) {
       return Status::Invalid("kv-cache sizes (batch, seqlen_q, nheads * seqlen_q, pages, rows "
                              "per sequence) must be < 2^29, got q " + ShapeString(q.dims) +
                              ", k_cache " + ShapeString(in.k_cache.dims) + ", block_table " +
