@@ -181,19 +181,45 @@ def test_grad_matches_reference():
     (16384, 1, 16, {"deterministic": False}, (1, False)),
 ])
 def test_deterministic_backward_plan(seqlen_k, batch, nheads_k, options, expected):
-    # Which deterministic backward runs (csrc/bwd/kernel.h, asked through
+    # Which deterministic backward runs (csrc/sm80/bwd_kernel.h, asked through
     # _C.plan): only the plain kernel can order its dQ additions, and the
     # handler refuses the others an ordered plan, so the policy must never
     # pick it for them.
     from jax_flash._src import extension, plan
     if not extension.has_kernels():
         pytest.skip("needs the compiled extension (_C.plan)")
+    if expected[1] and "full" not in extension._C.build_info()["variants"]:
+        pytest.skip("the ordered mode is the full variant's, not compiled in this build")
     p = plan.plan_for(
         batch, 128, seqlen_k, 16, nheads_k, extension.compiled_head_dims()[0], -1,
         options.get("local", False), options.get("softcap", False), options.get("alibi", False),
         options.get("dropout", False), options.get("segments", False),
         options.get("deterministic", True), 132)
     assert (p.dq_accum_splits, p.dq_ordered) == expected
+
+
+# What each kernel variant handles, cheapest first (csrc/generate_kernels.py).
+_VARIANT_FEATURES = {"full": set(), "local": {"local"}, "segs": {"segments"},
+                     "mods": {"local", "mods"},
+                     "dropout": {"local", "mods", "dropout", "segments"}}
+
+
+@pytest.mark.parametrize("needs", [set(), {"local"}, {"segments"}, {"mods"}, {"local", "mods"},
+                                   {"dropout"}, {"segments", "mods"}, {"local", "dropout"}],
+                         ids=lambda n: "+".join(sorted(n)) or "plain")
+def test_plan_runs_the_cheapest_compiled_variant(needs):
+    # JAX_FLASH_VARIANTS may leave variants out: a call then runs the first
+    # compiled one that covers its features (dropout's covers all).
+    from jax_flash._src import extension, plan
+    if not extension.has_kernels():
+        pytest.skip("needs the compiled extension (_C.plan)")
+    compiled = list(extension._C.build_info()["variants"])
+    assert compiled[-1] == "dropout" and set(compiled) <= set(_VARIANT_FEATURES)
+    expected = next(v for v in _VARIANT_FEATURES if v in compiled and needs <= _VARIANT_FEATURES[v])
+    p = plan.plan_for(2, 128, 128, 4, 4, extension.compiled_head_dims()[0], -1,
+                      "local" in needs and "segments" not in needs, "mods" in needs, False,
+                      "dropout" in needs, "segments" in needs, False, 132)
+    assert p.variant == expected, (needs, compiled)
 
 
 def test_packed_dtype_errors_name_the_packed_argument():

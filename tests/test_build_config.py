@@ -1,7 +1,8 @@
 """The build's AUTO decision, through CMake's configure step: compile the CUDA
 kernels only where they can run (nvcc found and an NVIDIA GPU visible), for
 the visible GPUs' architectures; otherwise a CPU-only package whose
-_build.json says why. GPUs are faked with an nvidia-smi script on PATH."""
+_build.json says why. GPUs are faked with an nvidia-smi script on PATH.
+JAX_FLASH_VARIANTS picks the kernel files (configure prints their count)."""
 
 import json
 import os
@@ -83,3 +84,24 @@ def test_on_without_a_gpu_builds_the_default_architectures(tmp_path):
 def test_off_wins_over_a_visible_gpu(tmp_path):
     _, info = _configure(tmp_path, "-DJAX_FLASH_BUILD_CUDA=OFF", gpu_caps=["9.0"])
     assert info["build_cuda"] is False and info["reason"] == "JAX_FLASH_BUILD_CUDA=OFF"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("variants,expected,files", [
+    ("all", ["full", "local", "segs", "mods", "dropout"], 22),
+    # the variant that covers every feature is always added
+    ("local", ["local", "dropout"], 10),
+    ("mods;full", ["mods", "full", "dropout"], 14),
+])
+def test_variants_choose_the_kernel_files(tmp_path, variants, expected, files):
+    # Head dim 64: 2 passes x 2 dtypes per variant, plus the 2 decode files.
+    out, info = _configure(tmp_path, "-DJAX_FLASH_BUILD_CUDA=ON", "-DJAX_FLASH_CUDA_ARCHS=80",
+                           "-DJAX_FLASH_HEADDIMS=64", f"-DJAX_FLASH_VARIANTS={variants}")
+    assert info["variants"] == expected, out
+    assert f"jax_flash: {files} kernel files (head dims 64; variants {';'.join(expected)})" in out
+
+
+def test_unknown_variant_is_an_error(tmp_path):
+    out, info = _configure(tmp_path, "-DJAX_FLASH_VARIANTS=full;fast")
+    assert info is None
+    assert "unknown kernel variant 'fast' in JAX_FLASH_VARIANTS" in out, out

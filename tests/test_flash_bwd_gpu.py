@@ -94,7 +94,7 @@ def test_backward_large_inputs_stay_finite(seqlen, head_dim):
 @pytest.mark.parametrize(
     "batch,seqlens,heads,head_dim,causal",
     [
-        # Causal: accumulator slices (csrc/bwd/kernel.h).
+        # Causal: accumulator slices (csrc/sm80/bwd_kernel.h).
         (2, (1000, 1100), HEADS["gqa"], 128, True),  # many slices per head
         (2, (300, 257), HEADS["mqa"], 256, True),  # 64-key tiles
         (70, (130, 190), (2, 2), 64, True),  # batch * nheads_k >= SMs: one slice

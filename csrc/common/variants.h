@@ -44,6 +44,15 @@ inline constexpr const char* kVariantNames[] = {
 
 inline constexpr int kNumVariants = sizeof(kVariantFeatures) / sizeof(kVariantFeatures[0]);
 
+// Whether this build compiled each variant (JAX_FLASH_VARIANTS at configure
+// time; only the kernel library's translation units see the definitions).
+inline constexpr bool kVariantCompiled[] = {
+#define JAX_FLASH_VARIANT_COMPILED(enumerator, name, local, mods, dropout, segs) \
+  JAX_FLASH_COMPILED_##enumerator,
+    JAX_FLASH_VARIANTS(JAX_FLASH_VARIANT_COMPILED)
+#undef JAX_FLASH_VARIANT_COMPILED
+};
+
 constexpr Features features_of(Variant v) { return kVariantFeatures[static_cast<int>(v)]; }
 constexpr const char* name_of(Variant v) { return kVariantNames[static_cast<int>(v)]; }
 
@@ -52,11 +61,13 @@ constexpr bool covers(Features have, Features need) {
          (have.dropout || !need.dropout) && (have.segs || !need.segs);
 }
 
-// The first (cheapest) variant whose flags cover what the call needs; the
-// last variant has every flag.
+// The first (cheapest) compiled variant whose flags cover what the call
+// needs; the last variant has every flag and is always compiled.
 constexpr Variant choose_variant(Features need) {
   for (int i = 0; i < kNumVariants; ++i) {
-    if (covers(kVariantFeatures[i], need)) return static_cast<Variant>(i);
+    if (kVariantCompiled[i] && covers(kVariantFeatures[i], need)) {
+      return static_cast<Variant>(i);
+    }
   }
   return static_cast<Variant>(kNumVariants - 1);
 }
@@ -72,14 +83,19 @@ template <bool kIsLocal, bool kHasMods, bool kHasDropout, bool kHasSegs>
 inline constexpr bool kOrderable = orders_dq(Features{kIsLocal, kHasMods, kHasDropout, kHasSegs});
 
 // Calls launch(local, mods, dropout, segs), each a std::bool_constant, with
-// the flags of variant v.
-template <typename Launch>
-auto with_variant(Variant v, Launch&& launch) {
+// the flags of variant v; a variant this build did not compile gives
+// not_compiled (no reference to its kernels).
+template <typename Result, typename Launch>
+Result with_variant(Variant v, Launch&& launch, Result not_compiled) {
   switch (v) {
-#define JAX_FLASH_VARIANT_CASE(enumerator, name, local, mods, dropout, segs)   \
-  case Variant::enumerator:                                                     \
-    return launch(std::bool_constant<local>{}, std::bool_constant<mods>{},      \
-                  std::bool_constant<dropout>{}, std::bool_constant<segs>{});
+#define JAX_FLASH_VARIANT_CASE(enumerator, name, local, mods, dropout, segs)     \
+  case Variant::enumerator:                                                       \
+    if constexpr (JAX_FLASH_COMPILED_##enumerator) {                              \
+      return launch(std::bool_constant<local>{}, std::bool_constant<mods>{},      \
+                    std::bool_constant<dropout>{}, std::bool_constant<segs>{});   \
+    } else {                                                                      \
+      return not_compiled;                                                        \
+    }
     JAX_FLASH_VARIANTS(JAX_FLASH_VARIANT_CASE)
 #undef JAX_FLASH_VARIANT_CASE
   }

@@ -132,7 +132,7 @@ NB_MODULE(_C, m) {
     nb::list archs, dims, variants;
     for (int arch : {JAX_FLASH_CUDA_ARCH_LIST}) archs.append(arch);
     for (int dim : jax_flash::compiled_head_dims()) dims.append(dim);
-    for (const char* name : jax_flash::kVariantNames) variants.append(name);
+    for (const char* name : jax_flash::compiled_variants()) variants.append(name);
     d["cuda_archs"] = archs;
     d["head_dims"] = dims;
     d["variants"] = variants;

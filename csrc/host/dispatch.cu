@@ -44,16 +44,19 @@ cudaError_t with_head_dim(int kernel_head_dim, Launch&& launch) {
 // kHasDropout, kHasSegs>() for the plan's kernel.
 template <typename Launch>
 cudaError_t with_kernel(const Plan& plan, Dtype dtype, Launch&& launch) {
-  return with_variant(plan.variant, [&](auto local, auto mods, auto dropout, auto segs) {
-    return with_head_dim(plan.kernel_head_dim, [&](auto hdim) {
-      constexpr int d = decltype(hdim)::value;
-      constexpr bool l = decltype(local)::value, m = decltype(mods)::value,
-                     r = decltype(dropout)::value, s = decltype(segs)::value;
-      return dtype == Dtype::kFloat16
-                 ? launch.template operator()<cutlass::half_t, d, l, m, r, s>()
-                 : launch.template operator()<cutlass::bfloat16_t, d, l, m, r, s>();
-    });
-  });
+  return with_variant(
+      plan.variant,
+      [&](auto local, auto mods, auto dropout, auto segs) {
+        return with_head_dim(plan.kernel_head_dim, [&](auto hdim) {
+          constexpr int d = decltype(hdim)::value;
+          constexpr bool l = decltype(local)::value, m = decltype(mods)::value,
+                         r = decltype(dropout)::value, s = decltype(segs)::value;
+          return dtype == Dtype::kFloat16
+                     ? launch.template operator()<cutlass::half_t, d, l, m, r, s>()
+                     : launch.template operator()<cutlass::bfloat16_t, d, l, m, r, s>();
+        });
+      },
+      cudaErrorInvalidValue);
 }
 
 struct Sm80Fwd {

@@ -76,6 +76,14 @@ const char* name_of(Family family) {
   return "?";
 }
 
+std::vector<const char*> compiled_variants() {
+  std::vector<const char*> names;
+  for (int i = 0; i < kNumVariants; ++i) {
+    if (kVariantCompiled[i]) names.push_back(kVariantNames[i]);
+  }
+  return names;
+}
+
 std::vector<int> compiled_head_dims() {
   std::vector<int> dims;
   for (int d : kCompiledHeadDims) {

@@ -75,6 +75,9 @@ int64_t dq_tiles(const Problem& problem, const Plan& plan);
 // Head dims with compiled kernels, ascending.
 std::vector<int> compiled_head_dims();
 
+// Names of the variants this build compiled (JAX_FLASH_VARIANTS), cheapest first.
+std::vector<const char*> compiled_variants();
+
 // ---- flash_attn_with_kvcache: the split-KV decode kernels (csrc/decode/) ----
 
 // One kv-cache call. seqlen_cache: logical positions per sequence (paged:
