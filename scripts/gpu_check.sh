@@ -4,7 +4,7 @@
 #
 #   scripts/gpu_check.sh [build] [test] [bench] [quick]
 #
-# Environment: JAX_FLASH_CUDA_ARCHS / JAX_FLASH_HEADDIMS narrow the build;
+# Environment: JAX_FLASH_CUDA_ARCHS / JAX_FLASH_HEADDIMS / JAX_FLASH_VARIANTS narrow the build;
 # WHEELS (default .whl/) holds the nvidia-cutlass wheel; OUT (default
 # /tmp/jax_flash_out) receives logs and benchmark JSON; PYTEST_ARGS and
 # BENCH_ARGS pass extra arguments through.
@@ -21,7 +21,7 @@ rc=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # This exact tree may already be built and installed (stamp file): skip it then.
-stamp="$(cd "$repo" && find csrc jax_flash CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | sort | xargs cat | md5sum) ${JAX_FLASH_CUDA_ARCHS:-} ${JAX_FLASH_HEADDIMS:-} ${JAX_FLASH_LINEINFO:-}"
+stamp="$(cd "$repo" && find csrc jax_flash CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | sort | xargs cat | md5sum) ${JAX_FLASH_CUDA_ARCHS:-} ${JAX_FLASH_HEADDIMS:-} ${JAX_FLASH_VARIANTS:-} ${JAX_FLASH_LINEINFO:-}"
 if has build && [ -f /tmp/jax_flash_build.stamp ] && [ "$(cat /tmp/jax_flash_build.stamp)" == "$stamp" ] &&
    (cd /tmp && $PY -c "import jax_flash._C") 2>/dev/null; then
   echo "== build: already installed for this tree, skipped"
@@ -29,13 +29,14 @@ elif has build; then
   # Offline: build requirements come from the environment plus local wheels.
   $PY -c "import cutlass_library" 2>/dev/null ||
     $PY -m pip install -q --no-index --no-deps "$WHEELS"/nvidia_cutlass-*.whl || exit 1
-  echo "== build: archs=${JAX_FLASH_CUDA_ARCHS:-default} headdims=${JAX_FLASH_HEADDIMS:-default}"
+  echo "== build: archs=${JAX_FLASH_CUDA_ARCHS:-default} headdims=${JAX_FLASH_HEADDIMS:-default} variants=${JAX_FLASH_VARIANTS:-all}"
   start=$(date +%s)
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v "$repo" \
     > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
   echo "== build took $(( $(date +%s) - start )) s on $(nproc) cores"
   echo "$stamp" > /tmp/jax_flash_build.stamp
   so=$(cd /tmp && $PY -c "import jax_flash._C as c; print(c.__file__)")
+  echo "== extension: $(du -m "$so" | cut -f1) MB, $(grep -o '[0-9]* kernel files' "$OUT/build.log" | head -1)"
   cuobjdump --dump-resource-usage "$so" 2>/dev/null | grep -E "Function|REG" | paste - - |
     sed -E 's/.*attn_(fwd|bwd)_kernel.*TraitsIN7cutlass([0-9a-z_]+)ELi([0-9]+)E.*ELb([01])ELb([01])ELb([01])ELb([01])E.*REG:([0-9]+) STACK:[0-9]+ SHARED:[0-9]+ LOCAL:([0-9]+).*/\1 \2 hdim=\3 local=\4 mods=\5 dropout=\6 segs=\7 REG=\8 LOCAL=\9/' |
     sort -u | tee "$OUT/resources.txt"
