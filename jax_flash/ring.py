@@ -27,32 +27,38 @@ Local windows: a query at global position p sees the keys p - left .. p +
 right. Each (query chunk, key chunk) pair of a step is then skipped, full,
 or a band, which is one kernel call on a slice of the pair (queries cut at
 the end or keys cut at the end, so that the kernels' bottom-right aligned
-window is the global one; see `_pair_case`). Which case a device has depends
-on its index, so a step switches (`lax.switch`) between the distinct cases
-of its devices, all known when tracing. Steps in which no device sees a key
-are not run at all and the ring jumps over them (a permute by several
-places), so a window of w positions costs about w / seqlen_local + 1 steps
-instead of n, on either layout.
+window is the global one; `_src/ring_steps.py`, `pair_case`). Which case a
+device has depends on its index, so a step switches (`lax.switch`)
+between the distinct cases of its devices, all known when tracing. Steps in
+which no device sees a key are not run at all and the ring jumps over them
+(a permute by several places): a window of w positions costs about w / seqlen_local + 1 steps
+instead of n on the contiguous layout; on zigzag a chunk's neighbours sit
+on other devices, and it takes up to about 4 w / seqlen_local + 1.
 
 K/V exchange: ``"ring"`` as above (memory per device linear in its own
 sequence length), or ``"allgather"``: one all-gather of K/V (and a
 reduce-scatter of dK/dV in the backward) and the same per-step compute on
 the gathered blocks; one collective instead of n - 1 dependent ones, at n
-times the K/V memory. ``"auto"`` takes the all-gather when the gathered K/V
-of a device is at most `ALLGATHER_AUTO_BYTES` (short sequences, few K/V
-heads: per-step transfers too small to hide behind their compute), the ring
+times the K/V memory (and float32 dK/dV for all n blocks in the backward).
+``"auto"`` takes the all-gather when the gathered K/V of a device is at
+most `ALLGATHER_AUTO_BYTES` (short sequences, few K/V heads: per-step
+transfers too small to hide behind their compute) and every step is needed
+(a window needing a few neighbours moves less by ring), the ring
 otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jax_flash._src import backend as backend_lib
 from jax_flash._src import validate
+from jax_flash._src.ring_steps import (CAUSAL, FULL, BlockFactory, GlobalSteps, WindowSteps,
+                                       filled, merge)
 from jax_flash._src.spec import bind
 
 __all__ = ["ring_attention", "zigzag_shard", "zigzag_unshard", "ALLGATHER_AUTO_BYTES"]
@@ -96,311 +102,30 @@ def zigzag_unshard(x, n: int, axis: int = 1):
     return jnp.concatenate(natural, axis=axis)
 
 
-# ---- One block pair: kernel forward / backward through the backends ---------
-
-
-class _Block:
-    """Attention of a query block against one key/value block under a local
-    (bottom-right aligned) window: forward gives (out, lse) with lse -inf on
-    rows without keys (so blocks merge by logaddexp); backward gives the
-    block's share of the gradients given the merged out and lse."""
-
-    def __init__(self, window, softmax_scale, softcap, deterministic):
-        self.window = window
-        self.opts = dict(softmax_scale=softmax_scale, softcap=softcap,
-                         deterministic=deterministic)
-
-    def _bind(self, q, k, v, ids):
-        spec, operands = bind(
-            (q, k, v), layout="fixed", packing="", dropout_p=0.0, causal=False,
-            window_size=self.window, alibi_slopes=None, return_attn_probs=False,
-            dropout_key=None, segment_ids=ids, **self.opts)
-        backend = backend_lib.select(spec)
-        return backend, spec, backend.prepare(spec, operands)
-
-    def forward(self, q, k, v, ids):
-        backend, spec, operands = self._bind(q, k, v, ids)
-        out, lse = backend_lib.forward(backend, spec, (q, k, v), operands)
-        return out.astype(jnp.float32), jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
-
-    def backward(self, q, k, v, ids, out, lse, d_out):
-        backend, spec, operands = self._bind(q, k, v, ids)
-        # The kernels' convention for rows without keys: lse = +inf.
-        lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-        dq, dk, dv = backend_lib.backward(backend, spec, (q, k, v), operands, out, lse, d_out)
-        return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
-
-
-class _BlockFactory:
-    """A hashable maker of `_Block`s for one set of options (part of
-    custom_vjp's static argument)."""
-
-    def __init__(self, softmax_scale, softcap, deterministic):
-        self.key = (softmax_scale, float(softcap), bool(deterministic))
-
-    def __call__(self, window) -> _Block:
-        return _Block(window, *self.key)
-
-    def __eq__(self, other):
-        return isinstance(other, _BlockFactory) and self.key == other.key
-
-    def __hash__(self):
-        return hash(self.key)
-
-
-_FULL, _CAUSAL = (-1, -1), (-1, 0)
-
-
-def _merge(acc, block):
-    """Two partial attentions over disjoint keys -> their union's (out, lse);
-    out (b, s, h, d) float32, lse (b, h, s) with -inf for no keys. None is
-    the empty partial."""
-    if acc is None or block is None:
-        return block if acc is None else acc
-    out_a, lse_a = acc
-    out_b, lse_b = block
-    lse = jnp.logaddexp(lse_a, lse_b)
-    safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-
-    def weight(x):  # exp(x - lse) as (b, s, h, 1); 0 where x = -inf
-        w = jnp.where(jnp.isneginf(x), 0.0, jnp.exp(x - safe))
-        return jnp.swapaxes(w, 1, 2)[..., None]
-
-    return out_a * weight(lse_a) + out_b * weight(lse_b), lse
-
-
-def _filled(value, shape, *like):
-    """A float32 array of value that varies over the shard_map axes the
-    arrays `like` vary over (both branches of a lax.cond must agree on it):
-    zeros_like keeps an array's varying axes."""
-    out = jnp.full(shape, value, jnp.float32)
-    for y in like:
-        out = out + jnp.zeros_like(y, shape=shape, dtype=jnp.float32)
-    return out
-
-
-def _empty(rows, q, v, *like):
-    """(out, lse) of `rows` rows of q that see no key."""
-    b, _, h, _ = q.shape
-    return (_filled(0.0, (b, rows, h, v.shape[-1]), q, v, *like),
-            _filled(-jnp.inf, (b, h, rows), q, v, *like))
-
-
-def _halves(x, axis=1):
-    c = x.shape[axis] // 2
-    return jax.lax.slice_in_dim(x, 0, c, axis=axis), jax.lax.slice_in_dim(x, c, None, axis=axis)
-
-
-def _ids(q_ids, kv_ids):
-    return None if q_ids is None else (q_ids, kv_ids)
-
-
-def _pad_rows(x, total, axis=1):
-    """x zero-padded at the end of `axis` to `total` rows."""
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, total - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
-# ---- Steps without a window (all keys, or causal over the global sequence) -----
-
-
-class _GlobalSteps:
-    """Every step is run; with causal masking, a device whose step holds only
-    future keys computes nothing (contiguous), and zigzag steps compute the
-    two half blocks that see keys."""
-
-    def __init__(self, n, layout, causal, block):
-        self.relevant = tuple(range(n))
-        self.layout, self.causal, self.block = layout, causal, block
-
-    def forward(self, j, i, q, k, v, q_ids, kv_ids):
-        if j == 0:  # own keys; for zigzag the two local chunks are in sequence order
-            return self.block(_CAUSAL if self.causal else _FULL).forward(q, k, v,
-                                                                        _ids(q_ids, kv_ids))
-        full = self.block(_FULL)
-        if not self.causal:
-            return full.forward(q, k, v, _ids(q_ids, kv_ids))
-        if self.layout == "contiguous":
-            # Keys of device i - j: all in the past when i >= j, else the future.
-            return jax.lax.cond(i >= j, lambda: full.forward(q, k, v, _ids(q_ids, kv_ids)),
-                                lambda: _empty(q.shape[1], q, v, k))
-
-        # Zigzag: the block of device src = (i - j) mod n holds chunks src and
-        # 2n - 1 - src. src < i: both query chunks see the first key chunk only;
-        # src > i: only the second query chunk sees keys, and it sees all of them.
-        def first():
-            k0, v0 = _halves(k)[0], _halves(v)[0]
-            ids0 = None if kv_ids is None else _halves(kv_ids)[0]
-            return full.forward(q, k0, v0, _ids(q_ids, ids0))
-
-        def second():
-            q1 = _halves(q)[1]
-            ids1 = None if q_ids is None else _halves(q_ids)[1]
-            out1, lse1 = full.forward(q1, k, v, _ids(ids1, kv_ids))
-            out0, lse0 = _empty(q.shape[1] - q1.shape[1], q, v, k)
-            return jnp.concatenate([out0, out1], axis=1), jnp.concatenate([lse0, lse1], axis=2)
-
-        return jax.lax.cond(j <= i, first, second)
-
-    def backward(self, j, i, q, k, v, q_ids, kv_ids, out, lse, d_out):
-        if j == 0:
-            return self.block(_CAUSAL if self.causal else _FULL).backward(
-                q, k, v, _ids(q_ids, kv_ids), out, lse, d_out)
-        full = self.block(_FULL)
-
-        def whole():
-            return full.backward(q, k, v, _ids(q_ids, kv_ids), out, lse, d_out)
-
-        if not self.causal:
-            return whole()
-
-        def zeros():
-            return tuple(_filled(0.0, x.shape, q, k, v) for x in (q, k, v))
-
-        if self.layout == "contiguous":
-            return jax.lax.cond(i >= j, whole, zeros)
-
-        def first():
-            k0, v0 = _halves(k)[0], _halves(v)[0]
-            ids0 = None if kv_ids is None else _halves(kv_ids)[0]
-            dq, dk0, dv0 = full.backward(q, k0, v0, _ids(q_ids, ids0), out, lse, d_out)
-            return dq, _pad_rows(dk0, k.shape[1]), _pad_rows(dv0, v.shape[1])
-
-        def second():
-            q0, q1 = _halves(q)
-            ids1 = None if q_ids is None else _halves(q_ids)[1]
-            dq1, dk, dv = full.backward(q1, k, v, _ids(ids1, kv_ids), _halves(out)[1],
-                                        _halves(lse, axis=2)[1], _halves(d_out)[1])
-            return jnp.concatenate([_filled(0.0, q0.shape, q, k, v), dq1], axis=1), dk, dv
-
-        return jax.lax.cond(j <= i, first, second)
-
-
-# ---- Steps under a local window --------------------------------------------------
-
-
-def _pair_case(delta: int, size: int, left: int, right: int):
-    """How a chunk of `size` queries sees a chunk of `size` keys when the
-    queries start `delta` positions after the keys (global positions), under
-    the window (left, right) (-1: unbounded). Row a sees key b iff lo <= b -
-    a <= hi with lo = delta - left, hi = delta + right.
-
-    Returns None (no row sees a key) or (s, wl, wr): one call with a
-    bottom-right aligned window (wl, wr) on the first size - s queries and all
-    keys when s > 0, on all queries and the first size + s keys when s < 0,
-    or on the whole pair when s = 0 ((0, -1, -1) is a full block). With
-    seqlen_k - seqlen_q = s the call's window is the global one: row a sees
-    key b iff a + s - wl <= b <= a + s + wr, so wl = s - lo and wr = hi - s,
-    both >= 0 for s = clamp(0, lo, hi); the rows (keys) cut off see (are
-    seen by) nothing."""
-    lo = None if left < 0 else delta - left
-    hi = None if right < 0 else delta + right
-    if (lo is not None and lo > size - 1) or (hi is not None and hi < 1 - size):
-        return None
-    if (lo is None or lo <= 1 - size) and (hi is None or hi >= size - 1):
-        return (0, -1, -1)
-    s = 0 if lo is None else max(0, lo)
-    s = s if hi is None else min(s, hi)
-    return (s, -1 if lo is None else s - lo, -1 if hi is None else hi - s)
-
-
-class _WindowSteps:
-    """The steps of a windowed ring: per step, the case of every (query chunk,
-    key chunk) pair of every device, known when tracing; steps where every
-    pair of every device is empty are left out of `relevant`."""
-
-    def __init__(self, n, layout, window, seqlen_local, block):
-        self.chunks = 2 if layout == "zigzag" else 1
-        size = seqlen_local // self.chunks
-        self.block = block
-
-        def starts(d):  # global start positions of device d's chunks
-            return (d * size, (2 * n - 1 - d) * size) if self.chunks == 2 else (d * size,)
-
-        self.plans = {}
-        for j in range(n):
-            per_device = [tuple(tuple(_pair_case(qs - ks, size, *window)
-                                      for ks in starts((i - j) % n)) for qs in starts(i))
-                          for i in range(n)]
-            if all(case is None for plan in per_device for row in plan for case in row):
-                continue
-            distinct = list(dict.fromkeys(per_device))
-            self.plans[j] = (tuple(distinct.index(p) for p in per_device), distinct)
-        self.relevant = tuple(self.plans)
-
-    def _split(self, x, axis=1):
-        return _halves(x, axis) if self.chunks == 2 else (x,)
-
-    def _switch(self, j, i, branch, *args):
-        table, distinct = self.plans[j]
-        branches = [functools.partial(branch, plan, *args) for plan in distinct]
-        if len(branches) == 1:
-            return branches[0]()
-        return jax.lax.switch(jnp.asarray(table, jnp.int32)[i], branches)
-
-    def forward(self, j, i, q, k, v, q_ids, kv_ids):
-        del q_ids, kv_ids  # windows take no segment ids (checked by ring_attention)
-        return self._switch(j, i, self._plan_forward, q, k, v)
-
-    def backward(self, j, i, q, k, v, q_ids, kv_ids, out, lse, d_out):
-        del q_ids, kv_ids
-        return self._switch(j, i, self._plan_backward, q, k, v, out, lse, d_out)
-
-    def _plan_forward(self, plan, q, k, v):
-        ks, vs = self._split(k), self._split(v)
-        outs, lses = [], []
-        for q_a, row in zip(self._split(q), plan):
-            acc = None
-            for k_b, v_b, case in zip(ks, vs, row):
-                if case is not None:
-                    acc = _merge(acc, self._band_forward(case, q_a, k_b, v_b))
-            out, lse = acc if acc is not None else _empty(q_a.shape[1], q_a, v, k)
-            outs.append(out)
-            lses.append(lse)
-        return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
-
-    def _band_forward(self, case, q, k, v):
-        s, wl, wr = case
-        size = q.shape[1]
-        if s < 0:
-            k, v = k[:, :size + s], v[:, :size + s]
-        out, lse = self.block((wl, wr)).forward(q[:, :size - max(s, 0)], k, v, None)
-        if s > 0:
-            e_out, e_lse = _empty(s, q, v, k)
-            out, lse = jnp.concatenate([out, e_out], axis=1), jnp.concatenate([lse, e_lse], 2)
-        return out, lse
-
-    def _plan_backward(self, plan, q, k, v, out, lse, d_out):
-        qs, ks, vs = self._split(q), self._split(k), self._split(v)
-        outs, lses, d_outs = self._split(out), self._split(lse, axis=2), self._split(d_out)
-        zeros = lambda x: _filled(0.0, x.shape, q, k, v)  # noqa: E731
-        dqs, dks, dvs = [zeros(x) for x in qs], [zeros(x) for x in ks], [zeros(x) for x in vs]
-        for a, row in enumerate(plan):
-            for b, case in enumerate(row):
-                if case is None:
-                    continue
-                dq, dk, dv = self._band_backward(case, qs[a], ks[b], vs[b], outs[a], lses[a],
-                                                 d_outs[a])
-                dqs[a], dks[b], dvs[b] = dqs[a] + dq, dks[b] + dk, dvs[b] + dv
-        return tuple(jnp.concatenate(x, axis=1) for x in (dqs, dks, dvs))
-
-    def _band_backward(self, case, q, k, v, out, lse, d_out):
-        s, wl, wr = case
-        size = q.shape[1]
-        rows, keys = size - max(s, 0), size + min(s, 0)
-        dq, dk, dv = self.block((wl, wr)).backward(
-            q[:, :rows], k[:, :keys], v[:, :keys], None, out[:, :rows], lse[:, :, :rows],
-            d_out[:, :rows])
-        return _pad_rows(dq, size), _pad_rows(dk, size), _pad_rows(dv, size)
-
-
 # ---- The exchange of K/V blocks -------------------------------------------------
+
+
+def _ring_to_permute_index(axis_name):
+    """Ring position (`axis_index(axis_name)`'s order: a tuple's axes in the
+    tuple's order) -> the device index `ppermute` takes, which counts a tuple
+    of axes in the mesh's order."""
+    if not isinstance(axis_name, tuple) or len(axis_name) == 1:
+        return lambda i: i
+    mesh_order = [a for a in jax.sharding.get_abstract_mesh().axis_names if a in axis_name]
+    sizes = {a: jax.lax.axis_size(a) for a in axis_name}
+
+    def index(i):
+        coords = dict(zip(axis_name, np.unravel_index(i, [sizes[a] for a in axis_name])))
+        return int(np.ravel_multi_index([coords[a] for a in mesh_order],
+                                        [sizes[a] for a in mesh_order]))
+
+    return index
 
 
 def _shift(tree, axis_name, n, places=1):
     """Every device's tree to the device `places` further round the ring."""
-    perm = [(i, (i + places) % n) for i in range(n)]
+    index = _ring_to_permute_index(axis_name)
+    perm = [(index(i), index((i + places) % n)) for i in range(n)]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
 
 
@@ -414,20 +139,34 @@ def _take(gathered, index):
                         gathered)
 
 
-def _setup(cfg, q):
-    axis_name, layout, window, exchange, block = cfg
-    n = jax.lax.axis_size(axis_name)
-    if window in (_FULL, _CAUSAL):
-        steps = _GlobalSteps(n, layout, window == _CAUSAL, block)
-    else:
-        steps = _WindowSteps(n, layout, window, q.shape[1], block)
-    return axis_name, exchange, n, jax.lax.axis_index(axis_name), steps
+class _Config(NamedTuple):
+    """custom_vjp's static argument: everything but the arrays."""
+
+    axis_name: Any
+    layout: str
+    window: tuple[int, int]  # over global positions, causal folded in
+    exchange: str  # "ring" | "allgather"
+    block: BlockFactory
+
+
+def _steps(cfg: _Config, n: int, seqlen_local: int):
+    if cfg.window in (FULL, CAUSAL):
+        return GlobalSteps(n, cfg.layout, cfg.window == CAUSAL, cfg.block)
+    return WindowSteps(n, cfg.layout, cfg.window, seqlen_local, cfg.block)
+
+
+def _setup(cfg: _Config, q):
+    n = jax.lax.axis_size(cfg.axis_name)
+    steps = _steps(cfg, n, q.shape[1])
+    # Gather only when a step needs another device's block.
+    gather = cfg.exchange == "allgather" and len(steps.relevant) > 1
+    return cfg.axis_name, gather, n, jax.lax.axis_index(cfg.axis_name), steps
 
 
 def _ring_forward(cfg, q, k, v, q_ids, kv_ids):
-    axis_name, exchange, n, i, steps = _setup(cfg, q)
+    axis_name, gather, n, i, steps = _setup(cfg, q)
     own = kv = (k, v, kv_ids)
-    gathered = _gather(own, axis_name) if exchange == "allgather" and steps.relevant[-1] else None
+    gathered = _gather(own, axis_name) if gather else None
     acc, held = None, 0
     for j in steps.relevant:
         if j and gathered is not None:
@@ -435,15 +174,15 @@ def _ring_forward(cfg, q, k, v, q_ids, kv_ids):
         elif j != held:  # issued before this step's compute
             kv, held = _shift(kv, axis_name, n, j - held), j
         k_j, v_j, ids_j = kv
-        acc = _merge(acc, steps.forward(j, i, q, k_j, v_j, q_ids, ids_j))
+        acc = merge(acc, steps.forward(j, i, q, k_j, v_j, q_ids, ids_j))
     return acc
 
 
 def _ring_backward(cfg, q, k, v, q_ids, kv_ids, out, lse, d_out):
-    axis_name, exchange, n, i, steps = _setup(cfg, q)
+    axis_name, gather, n, i, steps = _setup(cfg, q)
     own = kv = (k, v, kv_ids)
-    gathered = _gather(own, axis_name) if exchange == "allgather" and steps.relevant[-1] else None
-    dq = _filled(0.0, q.shape, q, k, v)
+    gathered = _gather(own, axis_name) if gather else None
+    dq = filled(0.0, q.shape, q, k, v)
     dkv = None  # dK/dV of the block held: they travel with it (ring)
     sums = None  # dK/dV of every device's block (allgather), summed by a reduce-scatter
     held = 0
@@ -460,7 +199,7 @@ def _ring_backward(cfg, q, k, v, q_ids, kv_ids, out, lse, d_out):
             dkv = (dk_j, dv_j) if dkv is None else (dkv[0] + dk_j, dkv[1] + dv_j)
             continue
         if sums is None:
-            sums = tuple(_filled(0.0, (n, *x.shape), q, k, v) for x in (k, v))
+            sums = tuple(filled(0.0, (n, *x.shape), k, v) for x in (k, v))
         src = (i - j) % n
         sums = tuple(jax.lax.dynamic_update_index_in_dim(
             s, jax.lax.dynamic_index_in_dim(s, src, keepdims=False) + d, src, 0)
@@ -516,8 +255,9 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False, layout: str = "z
       window_size: (left, right) over global positions, as in
         `flash_attn_func` (-1: unbounded): a query at position p sees the
         keys p - left .. p + right. Steps whose blocks see no key are not
-        run. A window balances best on the contiguous layout (every device
-        does a diagonal and its neighbours' bands); zigzag works too.
+        run. A window balances best, and needs fewest steps, on the
+        contiguous layout (every device does a diagonal and its neighbours'
+        bands); zigzag works too.
       softmax_scale, softcap, deterministic: as in `flash_attn_func`.
       segment_ids: optional (q_ids, kv_ids), this device's (batch,
         seqlen_local) document ids of its positions: a query sees only keys
@@ -528,9 +268,11 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False, layout: str = "z
         then. Not with a window.
       kv_exchange: "ring" (K/V blocks passed round the ring, memory linear in
         seqlen_local), "allgather" (one all-gather of K/V, a reduce-scatter
-        of dK/dV; n times the K/V memory) or "auto": the all-gather when a
-        device's gathered K and V take at most `ALLGATHER_AUTO_BYTES`, the
-        ring otherwise. Same results either way (the same per-block calls).
+        of dK/dV; n times the K/V memory, float32 dK/dV of every block in the
+        backward) or "auto": the all-gather when a device's gathered K and V
+        take at most `ALLGATHER_AUTO_BYTES` and every ring step is needed,
+        the ring otherwise. Same results either way (the same per-block
+        calls).
 
     Returns:
       (batch, seqlen_local, nheads, headdim) in q's dtype: this device's rows
@@ -558,18 +300,23 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False, layout: str = "z
          causal=causal, window_size=(-1, -1), softcap=softcap, alibi_slopes=None,
          deterministic=deterministic, return_attn_probs=False, dropout_key=None,
          segment_ids=ids)
-    # The window over the global sequence: entries that cannot bind are -1.
-    window = validate.canonical_window(*validate.window(window_size, causal), 2 * n * q.shape[1])
-    if window not in (_FULL, _CAUSAL) and ids is not None:
+    # The window over the global sequence: entries that cannot bind (no two
+    # positions are n * seqlen_local apart) are -1.
+    window = validate.canonical_window(*validate.window(window_size, causal), n * q.shape[1])
+    if window not in (FULL, CAUSAL) and ids is not None:
         raise ValueError(f"segment_ids must be None with a local window in ring_attention "
-                         f"(window_size={tuple(window_size)!r}), got segment ids")
-    if window != _FULL and layout == "zigzag" and q.shape[1] % 2:
+                         f"(window_size={tuple(window_size)!r}, in effect {window}), got "
+                         f"segment ids")
+    if window != FULL and layout == "zigzag" and q.shape[1] % 2:
         raise ValueError(f"q must have an even seqlen_local for the zigzag layout with causal "
                          f"masking or a window (two chunks per device), got {tuple(q.shape)}")
+    cfg = _Config(axis_name, layout, window, kv_exchange,
+                  BlockFactory(softmax_scale, softcap, deterministic))
     if kv_exchange == "auto":
+        # The all-gather moves every block; a window may need only a few.
         gathered = n * (k.size * k.dtype.itemsize + v.size * v.dtype.itemsize)
-        kv_exchange = "allgather" if gathered <= ALLGATHER_AUTO_BYTES else "ring"
-    cfg = (axis_name, layout, window, kv_exchange,
-           _BlockFactory(softmax_scale, softcap, deterministic))
+        every_step = len(_steps(cfg, n, q.shape[1]).relevant) == n
+        small = gathered <= ALLGATHER_AUTO_BYTES
+        cfg = cfg._replace(exchange="allgather" if small and every_step else "ring")
     q_ids, kv_ids = (None, None) if ids is None else ids
     return _ring(cfg, q, k, v, q_ids, kv_ids)
