@@ -14,7 +14,7 @@ run on that layout, forward and backward under one `jax.jit`:
 Each output and gradient is compared with `flash_attn_func` on one device
 over the natural-order sequence, and the compiled program's collectives are
 counted. It prints the mesh, the per-device length, the max differences and
-`ring attention matches the single-device call: yes` (exit 1 otherwise).
+`ring attention matches the attention on one device: yes` (exit 1 otherwise).
 
 On a machine without several accelerators it runs on 8 CPU host devices (the
 plain-JAX reference computes each block; 11.7-12.5 s for the whole command
@@ -107,7 +107,7 @@ def main() -> int:
         print(f"{name:>10}: max |ring - single| out {diffs[0]:.2e}, dq {diffs[1]:.2e}, "
               f"dk {diffs[2]:.2e}, dv {diffs[3]:.2e}; collectives in the step: "
               + (", ".join(f"{k} x{c}" for k, c in sorted(counts.items())) or "none"))
-    print(f"ring attention matches the single-device call: {'yes' if ok else 'NO'}")
+    print(f"ring attention matches the attention on one device: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 
 
