@@ -478,7 +478,8 @@ def test_attention_fn_sow_weights_falls_back(monkeypatch):
     monkeypatch.setattr(flax_modules, "_WARNED", set())
     with pytest.warns(UserWarning, match="sow_weights"):
         out = ours(x, sow_weights=True)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(_jcall(theirs, x)),
+    # Both eager: GPUs may round float32 matmuls differently under jit.
+    np.testing.assert_allclose(np.asarray(out), np.asarray(theirs(x)),
                                atol=1e-5, rtol=1e-5)
     weights = nnx.pop(ours, nnx.Intermediate)["attention_weights"]
     assert weights[0].shape == (B, 4, 7, 7)

@@ -344,7 +344,8 @@ def test_return_structure():
 
 
 def test_reference_function_and_backend_choice(monkeypatch):
-    monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS", raising=False)
+    # The reference backend, bit for bit (on GPUs too, with the kernels off).
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
     case = make_case(17, seqlen_q=2, seqlen_new=1)
     res = jax_flash.reference.kvcache_attention_ref(**case, causal=True)
     for x, y in zip(res, call(case, causal=True)):
@@ -353,20 +354,19 @@ def test_reference_function_and_backend_choice(monkeypatch):
     assert spec.layout == "kvcache"
     assert backend_lib.select(spec, "gpu").name == "reference"
     assert hash(spec) == hash(kvcache_lib.bind(**case)[0])
-    assert "JAX_FLASH_KVCACHE_KERNELS=1" in " ".join(flash_attn_with_kvcache.__doc__.split())
+    assert "JAX_FLASH_KVCACHE_KERNELS=0" in " ".join(flash_attn_with_kvcache.__doc__.split())
 
 
-def test_decode_kernels_are_opt_in(monkeypatch):
-    # Until their first GPU verification the decode kernels serve kv-cache
-    # calls only with JAX_FLASH_KVCACHE_KERNELS=1; the CPU is always the
-    # reference's.
+def test_decode_kernels_are_the_gpu_default(monkeypatch):
+    # GPUs run the decode kernels unless JAX_FLASH_KVCACHE_KERNELS=0; the
+    # CPU always runs the reference.
     spec, _ = kvcache_lib.bind(**{n: jnp.asarray(x) for n, x in make_case(19).items()})
     monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS", raising=False)
-    assert backend_lib.select(spec, "gpu").name == "reference"
-    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
-    assert backend_lib.select(spec, "gpu").name == "reference"
+    assert backend_lib.select(spec, "gpu").name == "cuda-sm80"
     monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "1")
     assert backend_lib.select(spec, "gpu").name == "cuda-sm80"
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
+    assert backend_lib.select(spec, "gpu").name == "reference"
     assert backend_lib.select(spec, "cpu").name == "reference"
 
 
@@ -399,7 +399,8 @@ def test_donated_caches_alias_the_outputs(paged):
     assert compiled.memory_analysis().alias_size_in_bytes == 2 * case["k_cache"].nbytes
 
 
-def test_existing_kvcache_ref_agrees():
+def test_existing_kvcache_ref_agrees(monkeypatch):
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")  # bit for bit: the reference backend
     case = make_case(18, seqlen_q=2, seqlen_new=2)
     out, lse, k_upd, v_upd = jax_flash.reference.kvcache_ref(
         case["q"], case["k_cache"], case["v_cache"], case["cache_seqlens"], k_new=case["k"],

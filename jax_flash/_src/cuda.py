@@ -113,9 +113,9 @@ class CudaBackend:
     def supports(self, spec: AttentionSpec, platform: str) -> bool:
         """Every spec on a GPU: a missing extension is an error there
         (kernels_or_raise), never a silent fallback to the reference. The
-        kv-cache layout's decode kernels are opt-in while they await their
-        first GPU run: only with JAX_FLASH_KVCACHE_KERNELS=1
-        (`cuda_kvcache.py`); otherwise the reference serves it on GPUs too."""
+        kv-cache layout runs on the decode kernels unless
+        JAX_FLASH_KVCACHE_KERNELS=0 asks for the reference
+        (`cuda_kvcache.py`)."""
         if spec.layout == "kvcache":
             return platform == "gpu" and cuda_kvcache.enabled()
         return platform == "gpu"

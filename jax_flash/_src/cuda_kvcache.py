@@ -13,9 +13,9 @@ alibi_slopes) -> (out, lse, out_accum, lse_accum), attributes softmax_scale
 f32, window_left/right i32, softcap f32, seqlen_new i32, paged bool. The
 split scratch out_accum/lse_accum is sized by `_C.kvcache_plan` (plan.py).
 
-Opt-in: the kernels have not run on a GPU yet. `CudaBackend` takes kv-cache
-calls only when the environment variable JAX_FLASH_KVCACHE_KERNELS is "1";
-otherwise the reference runs there, as before.
+`CudaBackend` takes kv-cache calls on GPUs unless the environment variable
+JAX_FLASH_KVCACHE_KERNELS is "0", which selects the plain-JAX reference
+there (for comparisons and as an escape hatch).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ ENV_VAR = "JAX_FLASH_KVCACHE_KERNELS"
 
 
 def enabled() -> bool:
-    """Whether kv-cache calls may run on the decode kernels (opt-in, see the
-    module docstring)."""
-    return os.environ.get(ENV_VAR, "") == "1"
+    """Whether kv-cache calls may run on the decode kernels: yes unless
+    JAX_FLASH_KVCACHE_KERNELS=0."""
+    return os.environ.get(ENV_VAR, "") != "0"
 
 
 def _pad_head_dim(kernel_dim: int, *xs):
