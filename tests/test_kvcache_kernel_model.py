@@ -58,7 +58,7 @@ def _sample(n, seed=0):
             rotary=rnd.choice([None, (16, True), (32, False)]) if seqlen_new else None,
             batch_idx=rnd.random() < 0.3, leftpad=rnd.random() < 0.3, alibi=rnd.random() < 0.3,
             adversarial=rnd.random() < 0.3, num_splits=rnd.choice([1, 2, 3, 7]),
-            block_m=rnd.choice([64, 32]), opts=rnd.choice(WINDOWS)))
+            block_m=rnd.choice([64, 32, 16]), opts=rnd.choice(WINDOWS)))
     return cases
 
 
@@ -94,10 +94,10 @@ requires_extension = pytest.mark.skipif(not extension.has_kernels(),
 @requires_extension
 def test_split_plan():
     plan = extension._C.kvcache_plan
-    h200 = dict(num_sms=132, smem_per_sm=233472)
+    h200 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448)
     d = extension.compiled_head_dims()[0]
-    # Few blocks, long cache: splits up to two waves, at least 256 keys
-    # each, equal runs of tiles.
+    # Few blocks, long cache: split, at least 256 keys each, equal runs of
+    # tiles, and no more blocks than fill their rounds of resident blocks.
     p = plan(1, 1, 32, 8, d, 32768, 0, **h200)
     assert 1 < p["num_splits"] <= 128 and p["m_blocks"] == 1
     tiles = 32768 // p["block_n"]
@@ -105,18 +105,30 @@ def test_split_plan():
     assert per * p["block_n"] >= 256 and -(-tiles // per) == p["num_splits"]
     assert p["out_accum_shape"] == (p["num_splits"], 1, 32, 1, d)
     assert p["lse_accum_shape"] == (p["num_splits"], 1, 32, 1)
-    # Enough blocks for two waves: no split, no scratch.
+    one_per_sm = dict(num_sms=100, smem_per_sm=1)  # rounds of 100 resident blocks
+    for batch in (1, 2, 3, 8, 16):
+        blocks = batch * 8 * plan(batch, 1, 32, 8, d, 32768, 0, **one_per_sm)["num_splits"]
+        assert blocks / (-(-blocks // 100) * 100) > 0.9, (batch, blocks)
+    # A grid that fills its rounds: no split, no scratch.
     p = plan(64, 1, 32, 8, d, 8192, 0, **h200)
     assert p["num_splits"] == 1 and p["out_accum_shape"] == (0,) == p["lse_accum_shape"]
     # Short caches are not split below 256 keys a split.
     assert plan(1, 1, 32, 8, d, 300, 0, **h200)["num_splits"] == 1
-    # A request is honoured up to the tiles and kMaxSplits.
+    # A request is honoured up to the tiles and kMaxSplits, with or without
+    # a device to ask.
     assert plan(2, 1, 8, 8, d, 1000, 3, **h200)["num_splits"] == 3
     assert plan(2, 1, 8, 8, d, 100, 9, **h200)["num_splits"] == 2
     assert plan(2, 1, 8, 8, d, 10 ** 6, 1000, **h200)["num_splits"] == 128
-    # Rows: the group's query heads x seqlen_q, in blocks of block_m.
+    assert plan(2, 1, 8, 8, d, 1000, 3)["num_splits"] == 3
+    # Tiles: narrow (one 16-row slab, >= 2 stages) up to 16 rows per K/V
+    # head when its shared memory fits the block, else wide (32 or 64 rows
+    # per block).
+    p = plan(1, 1, 32, 8, d, 64, 1, **h200)
+    assert p["narrow"] and p["block_m"] == 16 and p["stages"] >= 2 and p["m_blocks"] == 1
+    assert plan(1, 4, 32, 8, d, 64, 1, **h200)["narrow"]  # 16 rows
     p = plan(1, 16, 32, 1, d, 64, 1, **h200)
-    assert p["block_m"] in (32, 64) and p["m_blocks"] == 512 // p["block_m"]
+    assert not p["narrow"] and p["block_m"] in (32, 64) and p["m_blocks"] == 512 // p["block_m"]
+    assert not plan(1, 1, 32, 8, d, 64, 1, **dict(h200, smem_per_block=16384))["narrow"]
     assert plan(1, 1, 4, 4, d - 4, 64, 1, **h200)["head_dim_padded"] == d
     with pytest.raises(ValueError, match="headdim"):
         plan(1, 1, 4, 4, 300, 64, 0, **h200)

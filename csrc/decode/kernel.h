@@ -55,6 +55,7 @@ __device__ __forceinline__ void copy_q(const DecodeParams& p, int b, int hk, int
 #pragma unroll
   for (int it = 0; it < Traits::kQCopies; ++it) {
     const int idx = threadIdx.x + it * Traits::kNThreads;
+    if (Traits::kQChunks % Traits::kNThreads != 0 && idx >= Traits::kQChunks) break;
     const int r = idx / Traits::kChunks, chunk = idx % Traits::kChunks;
     const int m = row0 + r;
     const bool valid = m < rows && chunk * 8 < p.head_dim;
@@ -70,10 +71,12 @@ __device__ __forceinline__ void copy_q(const DecodeParams& p, int b, int hk, int
 // K and V rows of `tile` into one stage. Keys outside [key_begin, key_end)
 // (another sequence's tiles never are: tiles are this sequence's) and
 // columns past head_dim are zero-filled and never addressed, so clamped
-// lengths and tables bound every read.
+// lengths and tables bound every read. s_rows: the tile's cache rows staged
+// by PageRows (pages shorter than a tile), or nullptr to look them up here.
 template <typename Traits>
 __device__ __forceinline__ void copy_kv_tile(const DecodeParams& p, const SequenceInfo& seq,
-                                             int tile, uint32_t sK, uint32_t sV) {
+                                             int tile, uint32_t sK, uint32_t sV,
+                                             const int64_t* s_rows) {
   using Element = typename Traits::Element;
   const Element* k = static_cast<const Element*>(p.k_ptr);
   const Element* v = static_cast<const Element*>(p.v_ptr);
@@ -91,7 +94,9 @@ __device__ __forceinline__ void copy_kv_tile(const DecodeParams& p, const Sequen
     const bool valid = key >= seq.key_begin && key < seq.key_end && chunk * 8 < p.head_dim;
     int64_t offset = 0;
     if (valid) {
-      const int64_t row = seq.tile_in_one_page ? first_row + r : seq.cache_row(p, key);
+      const int64_t row = seq.tile_in_one_page ? first_row + r
+                          : s_rows != nullptr  ? s_rows[r]
+                                               : seq.cache_row(p, key);
       offset = row * p.cache_row_stride + seq.head_offset + chunk * 8;
     }
     const int dst = r * Traits::kRowBytes + chunk * 16;
@@ -99,6 +104,37 @@ __device__ __forceinline__ void copy_kv_tile(const DecodeParams& p, const Sequen
     cp_async_16(sV + dst, v + offset, valid);
   }
 }
+
+// Pages shorter than a tile put a table read on the path of every key
+// row's copy. Instead the first kBlockN threads each take one key of the
+// tile after next: load() issues its block_table read before the block
+// computes a tile, store() writes the key's cache row into shared memory
+// after it (the read has landed by then), and the next barrier publishes
+// the rows to the copy that needs them.
+struct PageRows {
+  int page = 0;     // block_table entry (clamped on store)
+  int in_page = 0;  // key % page_size
+  bool valid = false;
+
+  template <int kBlockN>
+  __device__ __forceinline__ void load(const DecodeParams& p, const SequenceInfo& seq, int tile) {
+    const int key = tile * kBlockN + threadIdx.x;
+    // key < key_end <= seqlen_cache: the table read stays in its row.
+    valid = threadIdx.x < kBlockN && key >= seq.key_begin && key < seq.key_end;
+    if (valid) {
+      page = seq.table[key / p.page_size];
+      in_page = key % p.page_size;
+    }
+  }
+
+  template <int kBlockN>
+  __device__ __forceinline__ void store(const DecodeParams& p, int64_t* s_rows) const {
+    if (threadIdx.x < kBlockN) {
+      s_rows[threadIdx.x] =
+          valid ? int64_t(clamp_int(page, 0, p.num_pages - 1)) * p.page_size + in_page : 0;
+    }
+  }
+};
 
 // ---- One warp step: 16 rows x 16 keys ------------------------------------------
 // q_addr, k_addr, v_addr: this lane's ldmatrix addresses (traits.h) in the
@@ -256,19 +292,31 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
 
   // ---- Shared memory ----
   const uint32_t s_q = smem_address(smem);
-  const uint32_t s_kv = s_q + Traits::kQBytes;
+  const uint32_t s_kv = s_q + Traits::kStagesOffset;
   auto s_k = [&](int stage) { return s_kv + stage * Traits::kStageBytes; };
   auto s_v = [&](int stage) { return s_kv + stage * Traits::kStageBytes + Traits::kTileBytes; };
+  int64_t* s_rows_base = reinterpret_cast<int64_t*>(smem + Traits::kQBytes);
+  auto s_rows = [&](int n) { return s_rows_base + (n % 2) * kBlockN; };
 
   // ---- Prologue: Q, then the first kStages - 1 tiles, one group each ----
   // Groups are committed even when empty, so that the wait below counts
-  // tiles the same way in every block.
+  // tiles the same way in every block. With pages shorter than a tile
+  // (block-uniform) the rows of tile kStages - 1 are staged here, those of
+  // each later tile one iteration ahead (PageRows).
   const int n_tiles = seq.tile_end - seq.tile_begin;
+  const bool stage_rows = !seq.tile_in_one_page;
   copy_q<Traits>(p, b, hk, row0, s_q);
 #pragma unroll
   for (int stage = 0; stage < kStages - 1; ++stage) {
-    if (stage < n_tiles) copy_kv_tile<Traits>(p, seq, seq.tile_begin + stage, s_k(stage), s_v(stage));
+    if (stage < n_tiles) {
+      copy_kv_tile<Traits>(p, seq, seq.tile_begin + stage, s_k(stage), s_v(stage), nullptr);
+    }
     cp_async_commit();
+  }
+  PageRows page_rows;
+  if (stage_rows && kStages - 1 < n_tiles) {
+    page_rows.load<kBlockN>(p, seq, seq.tile_begin + kStages - 1);
+    page_rows.store<kBlockN>(p, s_rows(kStages - 1));
   }
 
   // ---- This thread's rows: g and g + 8 of its warp's slab ----
@@ -286,14 +334,18 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
 
   // ---- Main loop over the split's tiles ----
   for (int n = 0; n < n_tiles; ++n) {
-    // Tile n (and Q) landed; every warp is done with tile n - 1's stage.
+    // Tile n (and Q) landed; every warp is done with tile n - 1's stage and
+    // the staged rows of tile n + kStages - 1 are visible.
     cp_async_wait<kStages - 2>();
     __syncthreads();
     const int next = n + kStages - 1;
     if (next < n_tiles) {
-      copy_kv_tile<Traits>(p, seq, seq.tile_begin + next, s_k(next % kStages), s_v(next % kStages));
+      copy_kv_tile<Traits>(p, seq, seq.tile_begin + next, s_k(next % kStages), s_v(next % kStages),
+                           stage_rows ? s_rows(next) : nullptr);
     }
     cp_async_commit();
+    const bool stage_after = stage_rows && next + 1 < n_tiles;
+    if (stage_after) page_rows.load<kBlockN>(p, seq, seq.tile_begin + next + 1);
 
     const int stage = n % kStages;
     const int tile_key0 = (seq.tile_begin + n) * kBlockN;
@@ -304,6 +356,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
                           s_v(stage) + key * Traits::kRowBytes + Traits::v_lane_offset(lane),
                           tile_key0 + key, rows, mods, lane);
     }
+    // The buffer's last reader was the copy of iteration n - 1, before this
+    // iteration's barrier.
+    if (stage_after) page_rows.store<kBlockN>(p, s_rows(next + 1));
   }
 
   // ---- Epilogue ----
@@ -311,7 +366,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
   cp_async_wait<0>();
   __syncthreads();
   write_rows<Traits>(p, b, hk, split, row0, block_rows, warps_n, acc_o, softmax,
-                     smem + Traits::kQBytes);
+                     smem + Traits::kStagesOffset);
 }
 
 }  // namespace jax_flash::decode

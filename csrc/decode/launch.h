@@ -1,7 +1,8 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
-// The only place that launches the decode kernels: the split kernel's grid
-// and shared memory, then (num_splits > 1) the combine kernel, on one stream.
+// The only place that launches the decode kernels: the split kernel of the
+// plan's tile (narrow or wide) with its grid and shared memory, then
+// (num_splits > 1) the combine kernel, on one stream.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,9 +15,8 @@
 
 namespace jax_flash::decode {
 
-template <typename Element, int kHeadDim>
-cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
-  using Traits = DecodeTraits<Element, kHeadDim>;
+template <typename Traits>
+cudaError_t launch_split_kernel(const DecodeParams& params, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   constexpr auto kernel = &decode_kernel<Traits>;
   cudaError_t err = opt_in_shared_memory<kernel>(kSmem);
@@ -26,10 +26,17 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   const int64_t blocks_x = int64_t(params.num_splits) * params.m_blocks;
   if (blocks_x > int64_t{0x7fffffff}) return cudaErrorInvalidConfiguration;
   const unsigned grid_x = static_cast<unsigned>(blocks_x);
-  err = launch_grids(params, grid_x, params.nheads_k, params.batch,
-                     [&](const DecodeParams& part, dim3 grid) {
-                       kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part);
-                     });
+  return launch_grids(params, grid_x, params.nheads_k, params.batch,
+                      [&](const DecodeParams& part, dim3 grid) {
+                        kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part);
+                      });
+}
+
+template <typename Element, int kHeadDim>
+cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
+  cudaError_t err = params.narrow
+                        ? launch_split_kernel<DecodeTraits<Element, kHeadDim, true>>(params, stream)
+                        : launch_split_kernel<DecodeTraits<Element, kHeadDim, false>>(params, stream);
   if (err != cudaSuccess || params.num_splits == 1) return err;
   const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
   const int64_t blocks = (rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock;

@@ -69,8 +69,9 @@ struct DecodeParams {
   int window_right = -1;
 
   // ---- Launch ------------------------------------------------------------------
-  int num_splits = 1;  // 1: the kernel writes o and lse itself
-  int m_blocks = 1;    // row blocks of decode_tile().block_m per K/V head
+  int num_splits = 1;   // 1: the kernel writes o and lse itself
+  bool narrow = false;  // the tile: decode_tile(head_dim, narrow) (decode/tile.h)
+  int m_blocks = 1;     // row blocks of that tile's block_m per K/V head
   // Origins of the grid's y (K/V head) and z (batch) axes: launch_grids
   // (common/launch.h) splits grids past 65535 along them.
   int grid_batch0 = 0;

@@ -14,15 +14,6 @@ struct DecodeTile {
   int stages;   // K/V tiles in shared memory (cp.async pipeline depth)
 };
 
-// 64-key tiles everywhere: 16 keys per warp when the four warps split a
-// tile's keys, and a page of 64, 128 or 256 rows holds whole tiles. Stages
-// keep about 70 KB of K/V per block (two blocks per H200 SM at d <= 128):
-// 4 stages of 18 KB at d <= 64, 2 of 35 KB at d = 128; d > 128 keeps 2
-// stages of 68 KB and halves block_m so the block fits an A100's 163 KB.
-constexpr DecodeTile decode_tile(int head_dim) {
-  return DecodeTile{64, head_dim <= 128 ? 64 : 32, head_dim <= 64 ? 4 : 2};
-}
-
 constexpr int kDecodeThreads = 128;  // four warps
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 
@@ -31,10 +22,42 @@ constexpr int kDecodeWarps = kDecodeThreads / 32;
 // eight different 4-bank groups (conflict-free for every compiled head dim).
 constexpr int decode_smem_row_bytes(int head_dim) { return (head_dim + 8) * 2; }
 
-// Q rows, then `stages` K/V tiles (K and V of a tile side by side).
-constexpr int decode_smem_bytes(int head_dim) {
-  const DecodeTile t = decode_tile(head_dim);
-  return decode_smem_row_bytes(head_dim) * (t.block_m + 2 * t.stages * t.block_n);
+// A block streams its keys one 64-key tile per stage, and a block's speed
+// is bounded by the tiles it has in flight (stages - 1) rather than by its
+// share of the memory bandwidth, so stages are what shared memory buys.
+//
+// Wide tiles (up to 64 query rows, 32 above d=128) keep about 70 KB of K/V
+// per block (two blocks per H200 SM at d <= 128): 4 stages of 18 KB at
+// d <= 64, 2 of 35 KB at d = 128; d > 128 keeps 2 stages of 68 KB and
+// halves block_m so the block fits an A100's 163 KB.
+//
+// Narrow tiles (one 16-row MMA slab: the usual decode, a GQA group of up to
+// 16 query heads and one token) need a quarter of the Q rows, and take as
+// many stages as fit kNarrowSmemBudget (two blocks per H200 SM), 2 to 8:
+// 3 at d=128 (two tiles in flight instead of one), 5 at d=64, 2 at d=192
+// and d=256 (d=256 then needs 141 KB: one block per SM).
+constexpr int kNarrowRows = 16;
+constexpr int kNarrowSmemBudget = 110 * 1024;
+constexpr int kDecodeBlockN = 64;  // keys per K/V tile
+
+// Paged caches with pages shorter than a tile: the cache row of each key of
+// the next tile, staged in shared memory (two buffers of int64).
+constexpr int kPageRowsBytes = 2 * kDecodeBlockN * 8;
+
+constexpr DecodeTile decode_tile(int head_dim, bool narrow = false) {
+  if (!narrow) return DecodeTile{kDecodeBlockN, head_dim <= 128 ? 64 : 32, head_dim <= 64 ? 4 : 2};
+  const int row = decode_smem_row_bytes(head_dim);
+  const int stages =
+      (kNarrowSmemBudget - kNarrowRows * row - kPageRowsBytes) / (2 * kDecodeBlockN * row);
+  return DecodeTile{kDecodeBlockN, kNarrowRows, stages < 2 ? 2 : stages > 8 ? 8 : stages};
+}
+
+// Q rows, the staged page rows, then `stages` K/V tiles (K and V of a tile
+// side by side).
+constexpr int decode_smem_bytes(int head_dim, bool narrow = false) {
+  const DecodeTile t = decode_tile(head_dim, narrow);
+  return decode_smem_row_bytes(head_dim) * (t.block_m + 2 * t.stages * t.block_n) +
+         kPageRowsBytes;
 }
 
 // Split-KV: at most this many splits (the scratch and the combine kernel's

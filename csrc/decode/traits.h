@@ -1,7 +1,7 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
-// Compile-time facts of one decode kernel (element type, compiled head dim):
-// tile sizes (decode/tile.h), shared-memory layout, and the lane -> address
+// Compile-time facts of one decode kernel (element type, compiled head dim,
+// narrow or wide tile): tile sizes (decode/tile.h), shared-memory layout, and the lane -> address
 // maps of the ldmatrix reads. Everything here is a constexpr.
 #pragma once
 
@@ -9,11 +9,12 @@
 
 namespace jax_flash::decode {
 
-template <typename Element_, int kHeadDim_>
+template <typename Element_, int kHeadDim_, bool kNarrow_>
 struct DecodeTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // compiled; the actual one is <= and a multiple of 8
-  static constexpr DecodeTile kTile = decode_tile(kHeadDim);
+  static constexpr bool kNarrow = kNarrow_;
+  static constexpr DecodeTile kTile = decode_tile(kHeadDim, kNarrow);
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kStages = kTile.stages;
@@ -25,13 +26,15 @@ struct DecodeTraits {
   static constexpr int kDTiles = kHeadDim / 8;    // n8 MMA tiles of O (per row slab)
 
   // ---- Shared memory ---------------------------------------------------------
-  // [Q: kBlockM rows][stage 0: K kBlockN rows, V kBlockN rows][stage 1] ...
-  // rows of kRowBytes (decode/tile.h: padded for conflict-free ldmatrix).
+  // [Q: kBlockM rows][page rows: 2 x kBlockN int64][stage 0: K kBlockN
+  // rows, V kBlockN rows][stage 1] ..., Q/K/V rows of kRowBytes (decode/tile.h:
+  // padded for conflict-free ldmatrix).
   static constexpr int kRowBytes = decode_smem_row_bytes(kHeadDim);
   static constexpr int kQBytes = kBlockM * kRowBytes;
+  static constexpr int kStagesOffset = kQBytes + kPageRowsBytes;
   static constexpr int kTileBytes = kBlockN * kRowBytes;  // K or V of one stage
   static constexpr int kStageBytes = 2 * kTileBytes;
-  static constexpr int kSmemBytes = decode_smem_bytes(kHeadDim);
+  static constexpr int kSmemBytes = decode_smem_bytes(kHeadDim, kNarrow);
 
   // Epilogue, over the K/V stages once the main loop is done: each warp's
   // 16 x kHeadDim O accumulator (rows padded by 8 floats: a half-warp's
@@ -41,16 +44,17 @@ struct DecodeTraits {
   static constexpr int kMergeBytes = kNWarps * 16 * (kMergeRowFloats + 2) * 4;
 
   // ---- Copies ------------------------------------------------------------------
-  // Each thread issues kQCopies / kKVCopies 16-byte cp.async per Q load / per
-  // K (and V) tile, consecutive threads on consecutive chunks of a row.
-  static constexpr int kQCopies = kBlockM * kChunks / kNThreads;
+  // Each thread issues up to kQCopies / kKVCopies 16-byte cp.async per Q
+  // load / per K (and V) tile, consecutive threads on consecutive chunks of
+  // a row (a narrow tile's Q can have fewer chunks than threads).
+  static constexpr int kQChunks = kBlockM * kChunks;
+  static constexpr int kQCopies = (kQChunks + kNThreads - 1) / kNThreads;
   static constexpr int kKVCopies = kBlockN * kChunks / kNThreads;
 
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "compiled head dims: 32 .. 256, step 32");
   static_assert(kBlockN % (16 * kNWarps) == 0, "four warps can split a tile into 16-key steps");
   static_assert(kBlockM % 16 == 0 && kBlockM <= 16 * kNWarps, "a warp per 16-row slab at most");
-  static_assert(kBlockM * kChunks % kNThreads == 0 && kBlockN * kChunks % kNThreads == 0,
-                "copies divide evenly among the threads");
+  static_assert(kBlockN * kChunks % kNThreads == 0, "K/V copies divide evenly among the threads");
   static_assert(kStages >= 2, "the main loop overlaps the next tile's copy with this one's math");
   static_assert(kMergeBytes <= kStages * kStageBytes, "the epilogue fits in the K/V stages");
   static_assert(kRowBytes % 16 == 0, "16-byte aligned rows for cp.async and ldmatrix");

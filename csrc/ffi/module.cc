@@ -76,7 +76,7 @@ nb::dict Plan(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads,
 
 nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nheads_k,
                      int64_t head_dim, int64_t seqlen_cache, int64_t num_splits, int num_sms,
-                     int smem_per_sm) {
+                     int smem_per_sm, int smem_per_block) {
   jax_flash::KVCacheProblem pb;
   pb.batch = batch;
   pb.seqlen_q = seqlen_q;
@@ -85,10 +85,14 @@ nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nh
   pb.head_dim = head_dim;
   pb.seqlen_cache = seqlen_cache;
   pb.num_splits = num_splits;
-  jax_flash::DeviceInfo device{num_sms, smem_per_sm};
-  if (num_splits == 0 && num_sms <= 0) {
+  jax_flash::DeviceInfo device{num_sms, smem_per_sm, smem_per_block};
+  if (num_sms <= 0) {
+    // The tile needs the device's shared memory; the automatic split count
+    // its multiprocessors too. Without a device an explicit split count
+    // still plans (a tile that assumes enough shared memory).
     const std::string err = jax_flash::current_device_info(&device);
-    if (!err.empty()) throw std::runtime_error(err + " (pass num_sms)");
+    if (!err.empty() && num_splits == 0) throw std::runtime_error(err + " (pass num_sms)");
+    if (!err.empty()) device = jax_flash::DeviceInfo{};
   }
   jax_flash::KVCachePlan plan;
   const std::string err = jax_flash::make_kvcache_plan(pb, device, &plan);
@@ -96,14 +100,17 @@ nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nh
   nb::dict d;
   d["head_dim_padded"] = plan.head_dim_padded;
   d["kernel_head_dim"] = plan.kernel_head_dim;
+  d["narrow"] = plan.narrow;
   d["block_m"] = plan.block_m;
   d["block_n"] = plan.block_n;
+  d["stages"] = plan.stages;
   d["m_blocks"] = plan.m_blocks;
   d["num_splits"] = plan.num_splits;
   d["out_accum_shape"] = Shape(plan.out_accum_shape);
   d["lse_accum_shape"] = Shape(plan.lse_accum_shape);
   d["num_sms"] = device.num_sms;
   d["smem_per_sm"] = device.smem_per_sm;
+  d["smem_per_block"] = device.smem_per_block;
   return d;
 }
 
@@ -151,8 +158,10 @@ NB_MODULE(_C, m) {
   m.def("kvcache_plan", &KVCachePlan, nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("nheads"),
         nb::arg("nheads_k"), nb::arg("head_dim"), nb::arg("seqlen_cache"),
         nb::arg("num_splits"), nb::arg("num_sms") = 0, nb::arg("smem_per_sm") = 0,
+        nb::arg("smem_per_block") = 0,
         "The plan of one flash_attn_with_kvcache kernel call (csrc/host/plan.h): padded and "
-        "compiled head dim, row blocks, the number of splits (num_splits 0: automatic, from "
-        "num_sms and smem_per_sm, or the current CUDA device's when num_sms is 0) and the "
-        "split scratch shapes.");
+        "compiled head dim, tile (narrow or wide) and row blocks, the number of splits "
+        "(num_splits 0: automatic) and the split scratch shapes, for a device of num_sms "
+        "multiprocessors with smem_per_sm / smem_per_block bytes of shared memory (0: not "
+        "limiting), or for the current CUDA device when num_sms is 0.");
 }

@@ -27,6 +27,10 @@ std::string current_device_info(DeviceInfo* info) {
                                    device);
     }
     if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&d.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                   device);
+    }
+    if (err == cudaSuccess) {
       cache[device] = d;
       *info = d;
       return "";
@@ -35,7 +39,7 @@ std::string current_device_info(DeviceInfo* info) {
   // The failed query must not linger as the runtime's sticky "last error",
   // where a later kernel launch check would find it.
   cudaGetLastError();
-  return std::string("could not query the CUDA device's multiprocessor count: ") +
+  return std::string("could not query the CUDA device's multiprocessor count and shared memory: ") +
          cudaGetErrorString(err);
 }
 

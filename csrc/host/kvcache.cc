@@ -8,6 +8,7 @@
 
 #include "../decode/params.h"
 #include "../decode/tile.h"
+#include "device_info.h"
 #include "dispatch.h"
 #include "plan.h"
 
@@ -196,7 +197,9 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   if (!(s = CheckAttrs(attrs, z)).ok()) return s;
   if (!(s = CheckResults(in.q, z, out, lse, out_accum, lse_accum, &splits)).ok()) return s;
 
-  // The compiled head dim and row blocks; the splits are the scratch's.
+  // The compiled head dim, tile and row blocks; the splits are the
+  // scratch's. The tile depends on the device's shared memory per block
+  // (unknown if the query fails: the plan then assumes it is enough).
   KVCacheProblem problem;
   problem.batch = z.batch;
   problem.seqlen_q = z.seqlen_q;
@@ -205,8 +208,10 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   problem.head_dim = z.head_dim;
   problem.seqlen_cache = z.seqlen_cache;
   problem.num_splits = splits;
+  DeviceInfo device;
+  if (!current_device_info(&device).empty()) device = DeviceInfo{};
   KVCachePlan plan;
-  const std::string err = make_kvcache_plan(problem, DeviceInfo{}, &plan);
+  const std::string err = make_kvcache_plan(problem, device, &plan);
   if (!err.empty()) return Status::Invalid(err);
   if (z.batch == 0 || z.seqlen_q == 0 || z.nheads == 0) return {};  // nothing to write
 
@@ -248,6 +253,7 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   p.window_left = static_cast<int>(std::min<int64_t>(attrs.window_left, never_binds));
   p.window_right = static_cast<int>(std::min<int64_t>(attrs.window_right, never_binds));
   p.num_splits = splits;
+  p.narrow = plan.narrow;
   p.m_blocks = static_cast<int>(plan.m_blocks);
   const cudaError_t launch =
       run_decode(plan, in.q.type == ElementType::kF16 ? Dtype::kFloat16 : Dtype::kBFloat16, p,

@@ -163,18 +163,24 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 
 // ---- kv-cache decode -------------------------------------------------------------
 
-// Split-KV only pays when the grid would not keep the device streaming.
-// A wave is the blocks resident at once (per SM from the kernel's shared
-// memory, 1 KB of it reserved per block by the driver, at most 4). Under one
-// wave, splits multiply the blocks up to two waves (the second evens out
-// sequences of different lengths, whose blocks finish at different times).
-// From one wave on every SM streams already: a split only evens a ragged
-// last wave (one that would leave more than a fifth of the slots idle), and
-// from two waves none. A split keeps at least kMinKeysPerSplit keys of a
-// full-length sequence and all splits of one get the same number of tiles.
-// Decode contexts are runtime values: a cache far longer than its sequences
-// gets splits that find no keys (a block launch and a skip in the combine
-// each).
+// Split-KV: a decode block is latency-bound (its speed is the tiles it has
+// in flight, decode/tile.h), so a round of resident blocks takes about as
+// long however few blocks it holds, and a block costs its tiles plus a
+// fixed overhead (Q load, pipeline fill, epilogue; about two tiles' time,
+// kBlockOverheadTiles). With `blocks` blocks per split and `wave` resident
+// at once (SMs x blocks per SM from the tile's shared memory, 1 KB of it
+// reserved per block by the driver, at most 4), s splits take
+//   ceil(blocks * s / wave) rounds x (tiles / s + kBlockOverheadTiles)
+// plus a combine pass (kCombineTiles) when s > 1. The plan takes the s of
+// least cost among those that leave a split at least kMinKeysPerSplit keys
+// of a full-length sequence, more splits only for a gain of over 5% (the
+// model is rough: 512 blocks on 264 slots, 3% idle, are not worth 17
+// splits). A ragged last round
+// costs a whole round: 64 blocks in 9 splits (576 blocks on 264 slots)
+// take three rounds where 8 splits take two. Decode contexts are runtime
+// values, so the model assumes full caches: a cache far longer than its
+// sequences gets splits that find no keys (a block launch and a skip in the
+// combine each).
 int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
                        const DeviceInfo& device) {
   const int64_t tiles = (pb.seqlen_cache + plan.block_n - 1) / plan.block_n;
@@ -184,25 +190,30 @@ int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
   if (blocks == 0 || tiles <= 1) return 1;
   constexpr int kReservedSmemPerBlock = 1024;
   constexpr int kMaxBlocksPerSm = 4;
-  constexpr int64_t kTargetWaves = 2;
-  const int smem = decode::decode_smem_bytes(plan.kernel_head_dim) + kReservedSmemPerBlock;
+  constexpr double kBlockOverheadTiles = 2.0;
+  constexpr double kCombineTiles = 1.0;
+  constexpr double kMinGain = 0.95;
+  const int smem =
+      decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow) + kReservedSmemPerBlock;
   const int per_sm = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
   const int64_t wave = int64_t(std::max(device.num_sms, 1)) * per_sm;
   const int64_t by_length =
       std::max<int64_t>(1, tiles * plan.block_n / decode::kMinKeysPerSplit);
-  int64_t splits;
-  if (blocks >= kTargetWaves * wave) {
-    return 1;
-  } else if (blocks >= wave) {
-    const int64_t last_wave = blocks % wave;  // blocks in the last, partial wave
-    splits = last_wave == 0 || 5 * last_wave >= 4 * wave ? 1 : 2;
-  } else {
-    splits = (kTargetWaves * wave + blocks - 1) / blocks;
+  const int64_t most = std::min(by_length, cap);
+  int64_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t per_split = (tiles + s - 1) / s;
+    if (s > 1 && (tiles + per_split - 1) / per_split < s) continue;  // same runs as fewer
+    const int64_t rounds = (blocks * s + wave - 1) / wave;
+    const double cost = double(rounds) * (double(per_split) + kBlockOverheadTiles) +
+                        (s > 1 ? kCombineTiles : 0.0);
+    if (s == 1 || cost < kMinGain * best_cost) {
+      best = s;
+      best_cost = cost;
+    }
   }
-  splits = std::min({splits, by_length, cap});
-  // The fewest splits with this many tiles each.
-  const int64_t per_split = (tiles + splits - 1) / splits;
-  return static_cast<int>((tiles + per_split - 1) / per_split);
+  return static_cast<int>(best);
 }
 
 std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device,
@@ -218,10 +229,16 @@ std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device
            ", nheads_k " + std::to_string(pb.nheads_k) + ", seqlen_cache " +
            std::to_string(pb.seqlen_cache) + ", num_splits " + std::to_string(pb.num_splits);
   }
-  const decode::DecodeTile tile = decode::decode_tile(plan->kernel_head_dim);
+  // The narrow tile when the rows fit one slab and its shared memory fits
+  // the device (sm_86 / sm_89 allow 99 KB a block: the wide tile there).
+  const int64_t rows = pb.nheads / pb.nheads_k * pb.seqlen_q;
+  plan->narrow = rows <= decode::kNarrowRows &&
+                 (device.smem_per_block <= 0 ||
+                  decode::decode_smem_bytes(plan->kernel_head_dim, true) <= device.smem_per_block);
+  const decode::DecodeTile tile = decode::decode_tile(plan->kernel_head_dim, plan->narrow);
   plan->block_m = tile.block_m;
   plan->block_n = tile.block_n;
-  const int64_t rows = pb.nheads / pb.nheads_k * pb.seqlen_q;
+  plan->stages = tile.stages;
   plan->m_blocks = std::max<int64_t>(1, (rows + tile.block_m - 1) / tile.block_m);
   plan->num_splits = kvcache_num_splits(pb, *plan, device);
   if (plan->num_splits > 1) {

@@ -92,14 +92,17 @@ struct KVCacheProblem {
 // What the device offers the split heuristic.
 struct DeviceInfo {
   int num_sms = 0;
-  int smem_per_sm = 0;  // bytes of shared memory per multiprocessor
+  int smem_per_sm = 0;     // bytes of shared memory per multiprocessor
+  int smem_per_block = 0;  // bytes one block may opt in to; 0: unknown (assumed enough)
 };
 
 struct KVCachePlan {
   int head_dim_padded = 0;  // head_dim rounded up to 8: what the kernel reads
   int kernel_head_dim = 0;  // the compiled head dim that serves it
-  int block_m = 0;          // query rows per thread block (decode/tile.h)
+  bool narrow = false;      // the tile (decode/tile.h): one 16-row slab, deeper pipeline
+  int block_m = 0;          // query rows per thread block
   int block_n = 0;          // keys per K/V tile
+  int stages = 0;           // K/V tiles in shared memory
   int64_t m_blocks = 0;     // row blocks per K/V head: ceil(nheads / nheads_k * seqlen_q / block_m)
   int num_splits = 1;       // thread blocks per (sequence, K/V head, row block)
   // Scratch of num_splits > 1, float32 (empty (0,) otherwise): each split's
@@ -114,11 +117,10 @@ struct KVCachePlan {
 std::string make_kvcache_plan(const KVCacheProblem& problem, const DeviceInfo& device,
                               KVCachePlan* plan);
 
-// The automatic split count: about two waves of blocks when the grid would
-// not fill the device once (the decode kernel is memory-bound: every SM
-// must be streaming), a split of a ragged last wave between one and two,
-// at least decode::kMinKeysPerSplit keys per split of a full cache, every
-// split of a full cache the same number of tiles (plan.cc says why).
+// The automatic split count, from a cost model of the memory-bound kernel
+// (plan.cc says why): the fewest rounds of blocks times each block's tiles
+// plus a fixed overhead, at least decode::kMinKeysPerSplit keys per split
+// of a full cache, every split of a full cache the same number of tiles.
 int kvcache_num_splits(const KVCacheProblem& problem, const KVCachePlan& plan,
                        const DeviceInfo& device);
 

@@ -85,24 +85,28 @@ class KVCachePlan(NamedTuple):
     kernel_head_dim: int  # the compiled head dim that serves it
     num_splits: int  # thread blocks sharing one sequence's keys (1: no combine)
     m_blocks: int  # row blocks (block_m query rows) per K/V head
+    narrow: bool  # the tile: one 16-row slab with a deeper pipeline, or wide
     block_m: int  # query rows per thread block
     block_n: int  # keys per K/V tile
+    stages: int  # K/V tiles in shared memory
     # float32 scratch of the split kernel, whole shapes; (0,) with one split.
     out_accum_shape: tuple[int, ...]
     lse_accum_shape: tuple[int, ...]
-    num_sms: int  # informative: the device the automatic split count was made for
+    num_sms: int  # informative: the device the tile and split count were made for
     smem_per_sm: int
+    smem_per_block: int
 
 
 @functools.lru_cache(maxsize=None)
 def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head_dim: int,
                      seqlen_cache: int, num_splits: int, num_sms: int = 0,
-                     smem_per_sm: int = 0) -> KVCachePlan:
+                     smem_per_sm: int = 0, smem_per_block: int = 0) -> KVCachePlan:
     """`_C.kvcache_plan` for these arguments (see csrc/host/plan.h), cached.
 
-    num_splits 0 chooses automatically for num_sms multiprocessors with
-    smem_per_sm bytes of shared memory each, or for the current CUDA device
-    (asked from the CUDA runtime) when num_sms is 0.
+    The tile and (num_splits 0) the split count are chosen for num_sms
+    multiprocessors with smem_per_sm / smem_per_block bytes of shared memory,
+    or for the current CUDA device (asked from the CUDA runtime) when num_sms
+    is 0.
 
     Raises:
       RuntimeError: the extension is absent, or the device could not be asked.
@@ -111,18 +115,21 @@ def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head
     if extension._C is None:
         extension.kernels_or_raise()
     raw = extension._C.kvcache_plan(batch, seqlen_q, nheads, nheads_k, head_dim, seqlen_cache,
-                                    num_splits, num_sms, smem_per_sm)
+                                    num_splits, num_sms, smem_per_sm, smem_per_block)
     return KVCachePlan(
         head_dim_padded=int(raw["head_dim_padded"]),
         kernel_head_dim=int(raw["kernel_head_dim"]),
         num_splits=int(raw["num_splits"]),
         m_blocks=int(raw["m_blocks"]),
+        narrow=bool(raw["narrow"]),
         block_m=int(raw["block_m"]),
         block_n=int(raw["block_n"]),
+        stages=int(raw["stages"]),
         out_accum_shape=tuple(int(n) for n in raw["out_accum_shape"]),
         lse_accum_shape=tuple(int(n) for n in raw["lse_accum_shape"]),
         num_sms=int(raw["num_sms"]),
         smem_per_sm=int(raw["smem_per_sm"]),
+        smem_per_block=int(raw["smem_per_block"]),
     )
 
 
