@@ -13,6 +13,7 @@ import jax_flash
 from jax_flash import flash_attn_with_kvcache
 from jax_flash._src import backend as backend_lib
 from jax_flash._src import kvcache as kvcache_lib
+from jax_flash._src import kvcache_ref
 
 OUT_TOL = dict(atol=4e-3, rtol=4e-3)
 LSE_TOL = dict(atol=2e-3, rtol=2e-3)
@@ -453,7 +454,10 @@ def test_clamped_block_table():
         np.testing.assert_array_equal(x, y)
 
 
-def test_duplicate_writes_apply_in_batch_order():
+@pytest.mark.parametrize("by_sort", [False, True])
+def test_duplicate_writes_apply_in_batch_order(by_sort, monkeypatch):
+    # Duplicates are found pairwise for few rows, by a sort for many: both.
+    monkeypatch.setattr(kvcache_ref, "_PAIRWISE_MAX_ROWS", 0 if by_sort else 1024)
     case = make_case(23, seqlen_new=2, batch_cache=2)
     case["cache_batch_idx"] = np.array([1, 1, 0], np.int32)
     case["cache_seqlens"] = np.array([10, 11, 3], np.int32)

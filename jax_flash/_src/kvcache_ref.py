@@ -85,26 +85,43 @@ def _slots(spec: KVCacheSpec, ops: KVCacheOperands, positions):
     return row * spec.seqlen_cache + positions
 
 
-def _append(spec: KVCacheSpec, ops: KVCacheOperands, c, cache, new):
-    """Step 3 for one cache: the new rows (batch, seqlen_new, ...) written at
-    their clamped positions, one scatter. Of several writes to one slot the
-    last in (batch, row) order stays: the others are sent past the cache's
-    end and dropped, so the kept indices are unique and no order of applying
-    them is left to XLA."""
+# Up to this many appended rows, duplicate slots are found by comparing all
+# pairs (one fused elementwise kernel); beyond, by a sort.
+_PAIRWISE_MAX_ROWS = 1024
+
+
+def _append_targets(spec: KVCacheSpec, ops: KVCacheOperands, c):
+    """Step 3's scatter indices into the flattened caches, (batch * seqlen_new,)
+    in write order: each new row's slot, or an index past the cache's end
+    (dropped) for a row a later row of the same slot overwrites. Of several
+    writes to one slot the last in (batch, row) order stays, so the kept
+    indices are unique and no order of applying them is left to XLA."""
     slots = _slots(spec, ops, c[:, None] + jnp.arange(spec.seqlen_new, dtype=jnp.int32)[None, :])
     slots = slots.reshape(-1)  # (batch * seqlen_new,), in write order
     n = slots.shape[0]
-    if n == 0:  # an empty batch writes nothing
-        return cache
-    order = jnp.argsort(slots, stable=True)  # equal slots keep write order
-    ordered = slots[order]
-    last = jnp.append(ordered[1:] != ordered[:-1], True)  # the last write of its slot
-    keep = jnp.zeros((n,), bool).at[order].set(last)
+    if not spec.paged and not spec.has_batch_idx:
+        # Sequence b owns rows [b * seqlen_cache, (b + 1) * seqlen_cache) and
+        # writes distinct positions in them: no two rows share a slot.
+        return slots
+    if n <= _PAIRWISE_MAX_ROWS:
+        later = jnp.arange(n)[None, :] > jnp.arange(n)[:, None]
+        keep = ~jnp.any(later & (slots[None, :] == slots[:, None]), axis=1)
+    else:
+        order = jnp.argsort(slots, stable=True)  # equal slots keep write order
+        ordered = slots[order]
+        last = jnp.append(ordered[1:] != ordered[:-1], True)  # the last write of its slot
+        keep = jnp.zeros((n,), bool).at[order].set(last)
+    past_end = spec.batch_cache * (spec.page_size if spec.paged else spec.seqlen_cache)
+    return jnp.where(keep, slots, past_end + jnp.arange(n, dtype=jnp.int32))
+
+
+def _append(targets, cache, new):
+    """Step 3 for one cache: the new rows (batch, seqlen_new, ...) scattered
+    to `targets` (_append_targets), the dropped ones past the end."""
     tail = cache.shape[2:]
     flat = cache.reshape(-1, *tail)
-    target = jnp.where(keep, slots, flat.shape[0] + jnp.arange(n, dtype=jnp.int32))
-    flat = flat.at[target].set(new.reshape(-1, *tail).astype(cache.dtype), mode="drop",
-                               unique_indices=True)
+    flat = flat.at[targets].set(new.reshape(-1, *tail).astype(cache.dtype), mode="drop",
+                                unique_indices=True)
     return flat.reshape(cache.shape)
 
 
@@ -122,9 +139,10 @@ def update(spec: KVCacheSpec, xs, ops: KVCacheOperands):
         q = apply_rotary(q, ops.rotary_cos, ops.rotary_sin,
                          start + (rows if spec.rotary_q_per_row else 0 * rows),
                          spec.rotary_interleaved)
-    if spec.append:
-        k_cache = _append(spec, ops, c, k_cache, k)
-        v_cache = _append(spec, ops, c, v_cache, v)
+    if spec.append and spec.batch * spec.seqlen_new:  # an empty batch writes nothing
+        targets = _append_targets(spec, ops, c)
+        k_cache = _append(targets, k_cache, k)
+        v_cache = _append(targets, v_cache, v)
     return q, k_cache, v_cache
 
 
