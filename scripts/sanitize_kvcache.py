@@ -37,7 +37,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_gpu_enable_command_buffer=").strip()
-os.environ.pop("JAX_FLASH_KVCACHE_KERNELS", None)  # the kernels, not the reference
+os.environ["JAX_FLASH_KVCACHE_KERNELS"] = "1"  # the kernels, not the reference
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -12,6 +12,7 @@ import pytest
 import jax_flash
 from jax_flash import flash_attn_with_kvcache
 from jax_flash._src import backend as backend_lib
+from jax_flash._src import cuda_kvcache
 from jax_flash._src import kvcache as kvcache_lib
 from jax_flash._src import kvcache_ref
 
@@ -355,15 +356,17 @@ def test_reference_function_and_backend_choice(monkeypatch):
     assert spec.layout == "kvcache"
     assert backend_lib.select(spec, "gpu").name == "reference"
     assert hash(spec) == hash(kvcache_lib.bind(**case)[0])
-    assert "JAX_FLASH_KVCACHE_KERNELS=0" in " ".join(flash_attn_with_kvcache.__doc__.split())
+    assert "JAX_FLASH_KVCACHE_KERNELS=1" in " ".join(flash_attn_with_kvcache.__doc__.split())
 
 
-def test_decode_kernels_are_the_gpu_default(monkeypatch):
-    # GPUs run the decode kernels unless JAX_FLASH_KVCACHE_KERNELS=0; the
-    # CPU always runs the reference.
+def test_decode_kernel_switch(monkeypatch):
+    # On GPUs JAX_FLASH_KVCACHE_KERNELS=1 selects the decode kernels, "0" the
+    # reference, unset the module's default; the CPU always runs the
+    # reference.
     spec, _ = kvcache_lib.bind(**{n: jnp.asarray(x) for n, x in make_case(19).items()})
     monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS", raising=False)
-    assert backend_lib.select(spec, "gpu").name == "cuda-sm80"
+    default = "cuda-sm80" if cuda_kvcache.DEFAULT else "reference"
+    assert backend_lib.select(spec, "gpu").name == default
     monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "1")
     assert backend_lib.select(spec, "gpu").name == "cuda-sm80"
     monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")

@@ -1,5 +1,5 @@
-"""GPU: flash_attn_with_kvcache on the decode kernels (csrc/decode/, the
-GPU default) against the reference's kv-cache
+"""GPU: flash_attn_with_kvcache on the decode kernels (csrc/decode/,
+JAX_FLASH_KVCACHE_KERNELS=1) against the reference's kv-cache
 computation, FlashAttention's rule: the kernel's max error against the
 float32 reference within 2x the low-precision reference's (+1e-5, +1e-4
 with ALiBi); the LSE likewise (+ softcap * 1e-3 for tanh.approx); the same
@@ -44,9 +44,8 @@ FULL = os.environ.get("JAX_FLASH_KVCACHE_FULL") == "1"
 
 @pytest.fixture(autouse=True)
 def _decode_kernels(monkeypatch):
-    """The kernels, whatever the environment says (JAX_FLASH_KVCACHE_KERNELS=0
-    would select the reference)."""
-    monkeypatch.delenv(cuda_kvcache.ENV_VAR, raising=False)
+    """The kernels, whatever the environment says."""
+    monkeypatch.setenv(cuda_kvcache.ENV_VAR, "1")
 
 
 # ---- Running one case -----------------------------------------------------------
@@ -208,7 +207,7 @@ def test_no_visible_key_gives_zero_and_inf():
     assert (np.asarray(out, np.float32) == 0).all() and np.isposinf(np.asarray(lse)).all()
 
 
-def test_the_kernel_runs_unless_opted_out(monkeypatch):
+def test_the_switch_selects_the_kernel(monkeypatch):
     arrays, _ = make_case(16, head_dim=64, seqlen_cache=128)
     f = lambda a: jax_flash.flash_attn_with_kvcache(**a)
     assert "jax_flash_kvcache_fwd" in jax.jit(f).lower(arrays).as_text()

@@ -113,9 +113,9 @@ class CudaBackend:
     def supports(self, spec: AttentionSpec, platform: str) -> bool:
         """Every spec on a GPU: a missing extension is an error there
         (kernels_or_raise), never a silent fallback to the reference. The
-        kv-cache layout runs on the decode kernels unless
-        JAX_FLASH_KVCACHE_KERNELS=0 asks for the reference
-        (`cuda_kvcache.py`)."""
+        kv-cache layout runs on the decode kernels when
+        `cuda_kvcache.enabled()` (JAX_FLASH_KVCACHE_KERNELS), else on the
+        reference."""
         if spec.layout == "kvcache":
             return platform == "gpu" and cuda_kvcache.enabled()
         return platform == "gpu"

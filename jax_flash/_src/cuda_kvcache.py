@@ -13,9 +13,12 @@ alibi_slopes) -> (out, lse, out_accum, lse_accum), attributes softmax_scale
 f32, window_left/right i32, softcap f32, seqlen_new i32, paged bool. The
 split scratch out_accum/lse_accum is sized by `_C.kvcache_plan` (plan.py).
 
-`CudaBackend` takes kv-cache calls on GPUs unless the environment variable
-JAX_FLASH_KVCACHE_KERNELS is "0", which selects the plain-JAX reference
-there (for comparisons and as an escape hatch).
+Which backend serves kv-cache calls on GPUs: the environment variable
+JAX_FLASH_KVCACHE_KERNELS="1" selects these kernels, "0" the plain-JAX
+reference, and unset means DEFAULT. DEFAULT is off: the kernels passed the
+GPU tests, memcheck and racecheck at d=64/128 and were then revised (narrow
+tiles, split cost model, staged page rows: notes/kernel_experiments.md,
+entry 34), and the revision has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from jax_flash._src import plan as plan_lib
 from jax_flash._src.kvcache import KVCacheOperands, KVCacheSpec
 
 ENV_VAR = "JAX_FLASH_KVCACHE_KERNELS"
+DEFAULT = False  # whether the kernels serve kv-cache calls with ENV_VAR unset
 
 
 def enabled() -> bool:
-    """Whether kv-cache calls may run on the decode kernels: yes unless
-    JAX_FLASH_KVCACHE_KERNELS=0."""
-    return os.environ.get(ENV_VAR, "") != "0"
+    """Whether kv-cache calls may run on the decode kernels: ENV_VAR "1" yes,
+    "0" no, unset DEFAULT."""
+    value = os.environ.get(ENV_VAR, "")
+    return DEFAULT if value == "" else value == "1"
 
 
 def _pad_head_dim(kernel_dim: int, *xs):
