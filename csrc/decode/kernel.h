@@ -84,7 +84,7 @@ __device__ __forceinline__ void copy_kv_tile(const DecodeParams& p, const Sequen
   // key0 < key_end <= seqlen_cache: a valid position to look its page up by.
   const int64_t first_row = seq.tile_in_one_page ? seq.cache_row(p, key0) : 0;
   // Unrolled by 4, not fully: four iterations' table reads still overlap,
-  // and ptxas keeps d=256 at 237 registers without spills (full unrolling
+  // and ptxas keeps d=256 at 241 registers without spills (full unrolling
   // hoisted all 16 rows' addresses: 255 registers and 48 B of spills).
 #pragma unroll 4
   for (int it = 0; it < Traits::kKVCopies; ++it) {
@@ -301,10 +301,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
   // ---- Prologue: Q, then the first kStages - 1 tiles, one group each ----
   // Groups are committed even when empty, so that the wait below counts
   // tiles the same way in every block. With pages shorter than a tile
-  // (block-uniform) the rows of tile kStages - 1 are staged here, those of
-  // each later tile one iteration ahead (PageRows).
+  // (block-uniform) a narrow tile stages the rows of tile kStages - 1 here,
+  // those of each later tile one iteration ahead (PageRows); a wide tile
+  // looks them up in its copies.
   const int n_tiles = seq.tile_end - seq.tile_begin;
-  const bool stage_rows = !seq.tile_in_one_page;
+  const bool stage_rows = Traits::kStagePageRows && !seq.tile_in_one_page;
   copy_q<Traits>(p, b, hk, row0, s_q);
 #pragma unroll
   for (int stage = 0; stage < kStages - 1; ++stage) {

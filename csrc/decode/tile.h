@@ -41,7 +41,8 @@ constexpr int kNarrowSmemBudget = 110 * 1024;
 constexpr int kDecodeBlockN = 64;  // keys per K/V tile
 
 // Paged caches with pages shorter than a tile: the cache row of each key of
-// the next tile, staged in shared memory (two buffers of int64).
+// the next tile, staged in shared memory (two buffers of int64). Narrow
+// tiles only: the wide d=64 tile fills an A100 SM exactly twice without it.
 constexpr int kPageRowsBytes = 2 * kDecodeBlockN * 8;
 
 constexpr DecodeTile decode_tile(int head_dim, bool narrow = false) {
@@ -52,12 +53,12 @@ constexpr DecodeTile decode_tile(int head_dim, bool narrow = false) {
   return DecodeTile{kDecodeBlockN, kNarrowRows, stages < 2 ? 2 : stages > 8 ? 8 : stages};
 }
 
-// Q rows, the staged page rows, then `stages` K/V tiles (K and V of a tile
-// side by side).
+// Q rows, the staged page rows (narrow), then `stages` K/V tiles (K and V
+// of a tile side by side).
 constexpr int decode_smem_bytes(int head_dim, bool narrow = false) {
   const DecodeTile t = decode_tile(head_dim, narrow);
   return decode_smem_row_bytes(head_dim) * (t.block_m + 2 * t.stages * t.block_n) +
-         kPageRowsBytes;
+         (narrow ? kPageRowsBytes : 0);
 }
 
 // Split-KV: at most this many splits (the scratch and the combine kernel's

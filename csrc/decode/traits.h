@@ -26,12 +26,13 @@ struct DecodeTraits {
   static constexpr int kDTiles = kHeadDim / 8;    // n8 MMA tiles of O (per row slab)
 
   // ---- Shared memory ---------------------------------------------------------
-  // [Q: kBlockM rows][page rows: 2 x kBlockN int64][stage 0: K kBlockN
-  // rows, V kBlockN rows][stage 1] ..., Q/K/V rows of kRowBytes (decode/tile.h:
-  // padded for conflict-free ldmatrix).
+  // [Q: kBlockM rows][page rows, narrow only: 2 x kBlockN int64][stage 0:
+  // K kBlockN rows, V kBlockN rows][stage 1] ..., Q/K/V rows of kRowBytes
+  // (decode/tile.h: padded for conflict-free ldmatrix).
   static constexpr int kRowBytes = decode_smem_row_bytes(kHeadDim);
   static constexpr int kQBytes = kBlockM * kRowBytes;
-  static constexpr int kStagesOffset = kQBytes + kPageRowsBytes;
+  static constexpr bool kStagePageRows = kNarrow;  // PageRows (kernel.h)
+  static constexpr int kStagesOffset = kQBytes + (kStagePageRows ? kPageRowsBytes : 0);
   static constexpr int kTileBytes = kBlockN * kRowBytes;  // K or V of one stage
   static constexpr int kStageBytes = 2 * kTileBytes;
   static constexpr int kSmemBytes = decode_smem_bytes(kHeadDim, kNarrow);
@@ -58,6 +59,8 @@ struct DecodeTraits {
   static_assert(kStages >= 2, "the main loop overlaps the next tile's copy with this one's math");
   static_assert(kMergeBytes <= kStages * kStageBytes, "the epilogue fits in the K/V stages");
   static_assert(kRowBytes % 16 == 0, "16-byte aligned rows for cp.async and ldmatrix");
+  static_assert(kBlockN <= kNThreads && 2 * kBlockN * 8 <= kPageRowsBytes,
+                "a thread per key of a tile stages its page row; two tiles' rows fit");
 
   // ---- ldmatrix lane maps (decode/ptx.h) -----------------------------------------
   // Byte offsets, from a 16-row (or 16-key) slab's first row, of the row this

@@ -89,7 +89,7 @@ nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nh
   if (num_sms <= 0) {
     // The tile needs the device's shared memory; the automatic split count
     // its multiprocessors too. Without a device an explicit split count
-    // still plans (a tile that assumes enough shared memory).
+    // still plans (with the wide tile).
     const std::string err = jax_flash::current_device_info(&device);
     if (!err.empty() && num_splits == 0) throw std::runtime_error(err + " (pass num_sms)");
     if (!err.empty()) device = jax_flash::DeviceInfo{};
@@ -162,6 +162,7 @@ NB_MODULE(_C, m) {
         "The plan of one flash_attn_with_kvcache kernel call (csrc/host/plan.h): padded and "
         "compiled head dim, tile (narrow or wide) and row blocks, the number of splits "
         "(num_splits 0: automatic) and the split scratch shapes, for a device of num_sms "
-        "multiprocessors with smem_per_sm / smem_per_block bytes of shared memory (0: not "
-        "limiting), or for the current CUDA device when num_sms is 0.");
+        "multiprocessors with smem_per_sm / smem_per_block bytes of shared memory "
+        "(smem_per_block 0: unknown, the wide tile), or for the current CUDA device when "
+        "num_sms is 0.");
 }

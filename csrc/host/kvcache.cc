@@ -199,7 +199,7 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
 
   // The compiled head dim, tile and row blocks; the splits are the
   // scratch's. The tile depends on the device's shared memory per block
-  // (unknown if the query fails: the plan then assumes it is enough).
+  // (unknown if the query fails: the plan then takes the wide tile).
   KVCacheProblem problem;
   problem.batch = z.batch;
   problem.seqlen_q = z.seqlen_q;

@@ -230,11 +230,11 @@ std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device
            std::to_string(pb.seqlen_cache) + ", num_splits " + std::to_string(pb.num_splits);
   }
   // The narrow tile when the rows fit one slab and its shared memory fits
-  // the device (sm_86 / sm_89 allow 99 KB a block: the wide tile there).
+  // the device (sm_86 / sm_89 allow 99 KB a block: the wide tile there, as
+  // on a device that could not be asked).
   const int64_t rows = pb.nheads / pb.nheads_k * pb.seqlen_q;
-  plan->narrow = rows <= decode::kNarrowRows &&
-                 (device.smem_per_block <= 0 ||
-                  decode::decode_smem_bytes(plan->kernel_head_dim, true) <= device.smem_per_block);
+  plan->narrow = rows <= decode::kNarrowRows && device.smem_per_block > 0 &&
+                 decode::decode_smem_bytes(plan->kernel_head_dim, true) <= device.smem_per_block;
   const decode::DecodeTile tile = decode::decode_tile(plan->kernel_head_dim, plan->narrow);
   plan->block_m = tile.block_m;
   plan->block_n = tile.block_n;

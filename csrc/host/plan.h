@@ -93,7 +93,7 @@ struct KVCacheProblem {
 struct DeviceInfo {
   int num_sms = 0;
   int smem_per_sm = 0;     // bytes of shared memory per multiprocessor
-  int smem_per_block = 0;  // bytes one block may opt in to; 0: unknown (assumed enough)
+  int smem_per_block = 0;  // bytes one block may opt in to; 0: unknown (the wide tile)
 };
 
 struct KVCachePlan {
