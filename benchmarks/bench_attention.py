@@ -33,9 +33,7 @@ Output: benchmarks/results/<gpu>_<YYYY-MM-DD>[_<tag>].json plus a table.
 """
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import statistics
 import time
@@ -46,6 +44,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from results_io import header, result_stem, save_json  # noqa: E402
 
 ALL_IMPLS = ("jax_flash", "jax_flash_det", "cudnn", "xla", "torch_fa2")
 WARMUP = 3
@@ -62,13 +62,6 @@ def short_error(e, limit=300):
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:limit]
 
 
-def gpu_name():
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        return "cpu"
-    return dev.device_kind.strip().replace(" ", "_").lower()
-
-
 def fwd_flops(batch, seqlen, nheads, headdim, causal):
     flops = 4 * batch * seqlen * seqlen * nheads * headdim
     return flops / 2 if causal else flops
@@ -80,13 +73,11 @@ def fwd_flops(batch, seqlen, nheads, headdim, causal):
 
 def jax_attention(impl, causal):
     """Return attn(q, k, v) -> out for a JAX implementation, (B, T, N, H)."""
-    if impl == "jax_flash":
-        import jax_flash
+    import jax_flash  # only when asked for: the other rows run without it
 
+    if impl == "jax_flash":
         return lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal)
     if impl == "jax_flash_det":  # deterministic backward
-        import jax_flash
-
         return lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=causal, deterministic=True)
     if impl in ("cudnn", "xla"):
         return lambda q, k, v: jax.nn.dot_product_attention(
@@ -268,14 +259,10 @@ def print_table(rows, impls):
 
 def main():
     args = parse_args()
-    gpu = gpu_name()
-    date = datetime.date.today().isoformat()
-    os.makedirs(args.out, exist_ok=True)
-    fname = f"{gpu}_{date}" + (f"_{args.tag}" if args.tag else "") + ".json"
-    path = os.path.join(args.out, fname)
-    result = {"gpu": gpu, "jax_version": jax.__version__, "date": date,
-              "tokens": args.tokens, "hidden": args.hidden, "repeats": args.repeats,
-              "rows": []}
+    path = result_stem(args.out, args.tag) + ".json"
+    result = {**header(), "tokens": args.tokens, "hidden": args.hidden,
+              "repeats": args.repeats, "rows": []}
+    gpu = result["gpu"]
     has_torch = "torch_fa2" in args.impls and torch_available()
     if has_torch:
         import torch
@@ -314,8 +301,7 @@ def main():
                         print(f"{mode:7} d={headdim:<3} s={seqlen:<5} b={batch:<3} "
                               f"h={nheads:<3} causal={causal!s:5} {impl:9} {status}",
                               flush=True)
-                    with open(path, "w") as f:  # incremental: survive a killed run
-                        json.dump(result, f, indent=1)
+                    save_json(path, result)  # incremental: survive a killed run
                     jax.clear_caches()
                     gc.collect()
 

@@ -6,7 +6,7 @@ keys (8k, 32k, 128k) for batch 1, 8, 32, 64. Kinds of rows:
 
   decode   one query token per sequence (seqlen_q 1), contiguous caches:
              jax_flash      flash_attn_with_kvcache on our decode kernels (the
-                            GPU default; the script ignores JAX_FLASH_KVCACHE_KERNELS)
+                            script sets JAX_FLASH_KVCACHE_KERNELS=1)
              jax_flash_ref  the same call on the plain-JAX reference backend
              cudnn          jax.nn.dot_product_attention(implementation="cudnn"),
                             q (B, 1, 32, H), separate K and V (B, T, 8, H)
@@ -43,23 +43,22 @@ Usage:
 """
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import statistics
 import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-os.environ.pop("JAX_FLASH_KVCACHE_KERNELS", None)  # the kernels, unless forced below
+os.environ["JAX_FLASH_KVCACHE_KERNELS"] = "1"  # the kernels (reference_backend() switches)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import WARMUP, TARGET_LOOP_S, gpu_name, short_error, time_jax  # noqa: E402,I001
+from bench_attention import WARMUP, TARGET_LOOP_S, short_error, time_jax  # noqa: E402,I001
+from results_io import header, result_stem, save_json  # noqa: E402
 
 import jax_flash  # noqa: E402
 from jax_flash._src import cuda_kvcache  # noqa: E402
@@ -89,10 +88,13 @@ class reference_backend:
     """Forces the kv-cache calls traced inside onto the reference backend."""
 
     def __enter__(self):
-        self.saved = os.environ.pop(cuda_kvcache.ENV_VAR, None)
+        self.saved = os.environ.get(cuda_kvcache.ENV_VAR)
+        os.environ[cuda_kvcache.ENV_VAR] = "0"
 
     def __exit__(self, *exc):
-        if self.saved is not None:
+        if self.saved is None:
+            os.environ.pop(cuda_kvcache.ENV_VAR)
+        else:
             os.environ[cuda_kvcache.ENV_VAR] = self.saved
 
 
@@ -263,8 +265,7 @@ def record(result, path, row, fn):
         metric = (f"{row['gbps']:8.1f} GB/s" if "gbps" in row
                   else f"{row['tflops']:8.2f} TFLOP/s")
         print(f"{head:70} {row['ms']:9.3f} ms {metric}", flush=True)
-    with open(path, "w") as f:  # incremental: survive a killed run
-        json.dump(result, f, indent=1)
+    save_json(path, result)  # incremental: survive a killed run
     jax.clear_caches()
     gc.collect()
 
@@ -292,12 +293,10 @@ def run_decode_row(a, impl, batch, context, headdim, page_size, dtype):
 
 def main():
     a = parse_args()
-    gpu, date = gpu_name(), datetime.date.today().isoformat()
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{gpu}_{date}_decode" + (f"_{a.tag}" if a.tag else "") + ".json")
-    result = {"gpu": gpu, "jax_version": jax.__version__, "date": date, "nheads": a.nheads,
-              "nheads_k": a.nheads_k, "dtype": "bfloat16", "repeats": a.repeats,
-              "kernels_enabled": cuda_kvcache.enabled(), "rows": []}
+    path = result_stem(a.out, "decode", a.tag) + ".json"
+    result = {**header(), "nheads": a.nheads, "nheads_k": a.nheads_k, "dtype": "bfloat16",
+              "repeats": a.repeats, "kernels_enabled": cuda_kvcache.enabled(), "rows": []}
+    gpu = result["gpu"]
     print(f"gpu={gpu} jax={jax.__version__} -> {path}")
     dtype = jnp.bfloat16
     base = dict(gpu=gpu, nheads=a.nheads, nheads_k=a.nheads_k)

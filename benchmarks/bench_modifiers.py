@@ -15,9 +15,7 @@ Output: benchmarks/results/<gpu>_<YYYY-MM-DD>_modifiers.json plus a table.
 """
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import sys
 
@@ -28,7 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import gpu_name, jax_benchmark_fn, make_jax_inputs, short_error, time_jax  # noqa: E402,I001
+from bench_attention import jax_benchmark_fn, make_jax_inputs, short_error, time_jax  # noqa: E402,I001
+from results_io import header, result_stem, save_json  # noqa: E402
 
 # name -> flash_attn_func options (cuDNN gets the same mask where it has one).
 CONFIGS = {
@@ -93,12 +92,10 @@ def main():
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     a = p.parse_args()
     seqlens = [int(s) for s in a.seqlens.split(",")]
-    gpu, date = gpu_name(), datetime.date.today().isoformat()
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{gpu}_{date}_modifiers.json")
-    result = {"gpu": gpu, "jax_version": jax.__version__, "date": date, "headdim": a.headdim,
-              "tokens": a.tokens, "hidden": a.hidden, "repeats": a.repeats, "rows": []}
-    print(f"gpu={gpu} jax={jax.__version__} -> {path}")
+    path = result_stem(a.out, "modifiers") + ".json"
+    result = {**header(), "headdim": a.headdim, "tokens": a.tokens, "hidden": a.hidden,
+              "repeats": a.repeats, "rows": []}
+    print(f"gpu={result['gpu']} jax={jax.__version__} -> {path}")
     nheads = a.hidden // a.headdim
     for mode in a.modes.split(","):
         for seqlen in seqlens:
@@ -124,8 +121,7 @@ def main():
                               if row["ms"] is not None else f"ERROR {row['error'][:90]}")
                     print(f"{mode:7} s={seqlen:<5} {name:17} {impl:9} visible={row['visible']:.4f} "
                           f"{status}", flush=True)
-                    with open(path, "w") as f:
-                        json.dump(result, f, indent=1)
+                    save_json(path, result)
                     jax.clear_caches()
                     gc.collect()
             del inputs

@@ -91,9 +91,7 @@ if "--smoke" in sys.argv:
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -107,7 +105,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_attention import (  # noqa: E402,I001
-    fwd_flops, gpu_name, jax_benchmark_fn, parse_list, short_error, time_jax)
+    fwd_flops, jax_benchmark_fn, parse_list, short_error, time_jax)
+from results_io import header, result_stem, save_json  # noqa: E402
 
 import jax_flash  # noqa: E402
 from jax_flash import reference  # noqa: E402
@@ -388,22 +387,15 @@ def markdown(rows):
 
 def main():
     a = parse_args()
-    gpu, date = gpu_name(), datetime.date.today().isoformat()
-    os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"{gpu}_{date}_ring" + (f"_{a.tag}" if a.tag else ""))
+    stem = result_stem(a.out, "ring", a.tag)
     path = stem + ".json"
-    result = {"gpu": gpu, "jax_version": jax.__version__, "date": date,
-              "devices": len(jax.devices()), "ngpus": a.ngpus, "tokens": a.tokens,
+    result = {**header(), "devices": len(jax.devices()), "ngpus": a.ngpus, "tokens": a.tokens,
               "batch": a.batch, "nheads": a.nheads, "nheads_k": a.nheads_k,
               "headdim": a.headdim, "dtype": "bfloat16", "causal": True, "layout": "zigzag",
               "allgather_causal": "exact", "repeats": a.repeats, "max_local": a.max_local,
               "smoke": a.smoke, "definitions": DEFINITIONS, "rows": []}
-    print(f"gpu={gpu} devices={len(jax.devices())} jax={jax.__version__} -> {path}",
+    print(f"gpu={result['gpu']} devices={len(jax.devices())} jax={jax.__version__} -> {path}",
           flush=True)
-
-    def save():
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
 
     shape = dict(batch=a.batch, nheads=a.nheads, nheads_k=a.nheads_k, headdim=a.headdim)
     singles = {}  # (mode, local) -> ms of the one-GPU baseline
@@ -431,7 +423,7 @@ def main():
                      else f"ERROR {row['error'][:90]}"), flush=True)
             jax.clear_caches()
             gc.collect()
-            save()
+            save_json(path, result)
         return singles[(mode, local)]
 
     for mode in a.modes:
@@ -484,7 +476,7 @@ def main():
                               f"SKIPPED {row['skipped']}" if "skipped" in row else
                               f"ERROR {row['error'][:90]}")
                     print(f"{mode:7} {impl:9} n={n:<2} T={tokens:<8} {status}", flush=True)
-                    save()
+                    save_json(path, result)
 
     if a.check_tokens:
         n = max(x for x in a.ngpus if x <= len(jax.devices()))
@@ -498,13 +490,13 @@ def main():
         for what, entry in check.get("errors", {}).items():
             print(f"  {what}: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else
                                             f"{k}={v}" for k, v in entry.items()))
-        save()
+        save_json(path, result)
 
     table = markdown(result["rows"])
     with open(stem + ".md", "w") as f:
-        f.write(f"Ring attention, {gpu}, {date}: causal, zigzag, bf16, batch {a.batch}, "
-                f"{a.nheads}/{a.nheads_k} heads, head dim {a.headdim}. Efficiency: "
-                f"{DEFINITIONS['efficiency']}.\n\n{table}\n")
+        f.write(f"Ring attention, {result['gpu']}, {result['date']}: causal, zigzag, bf16, "
+                f"batch {a.batch}, {a.nheads}/{a.nheads_k} heads, head dim {a.headdim}. "
+                f"Efficiency: {DEFINITIONS['efficiency']}.\n\n{table}\n")
     print("\n" + table)
     print(f"\nwrote {path} and {stem}.md")
 

@@ -32,7 +32,6 @@ benchmarks/results/<gpu>_<YYYY-MM-DD>_sharded_step[_smoke].json and .md.
 
 import argparse
 import datetime
-import json
 import os
 import re
 import sys
@@ -52,7 +51,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_flash  # noqa: E402
-from bench_attention import gpu_name, short_error, time_jax  # noqa: E402
+from bench_attention import short_error, time_jax  # noqa: E402
+from results_io import gpu_name, result_stem, save_json  # noqa: E402
 
 COLLECTIVES = re.compile(r"\b(all-gather|all-to-all|collective-permute|all-reduce|"
                          r"reduce-scatter)(-start)?\b")
@@ -159,11 +159,8 @@ def main():
             efficiency="ms of one device at 1x the work / ms of this row (same per-device "
                        "work)"),
         rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{gpu_name()}_{result['date']}_sharded_step"
-                        + ("_smoke" if args.smoke else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    stem = result_stem(args.out, "sharded_step", "smoke" if args.smoke else "")
+    save_json(stem + ".json", result)
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows) + "\n")
     print(markdown(rows))

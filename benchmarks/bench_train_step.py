@@ -45,9 +45,7 @@ table (.md) beside it, also printed.
 """
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import sys
 
@@ -62,7 +60,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from bench_attention import (  # noqa: E402
-    gpu_name, jax_attention, jax_benchmark_fn, make_jax_inputs, short_error, time_jax)
+    jax_attention, jax_benchmark_fn, make_jax_inputs, short_error, time_jax)
+from results_io import header, result_stem, save_json  # noqa: E402
 from train_gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 
 import jax_flash  # noqa: E402
@@ -177,22 +176,19 @@ def parse_args():
 
 def main():
     a = parse_args()
-    gpu, date = gpu_name(), datetime.date.today().isoformat()
-    os.makedirs(a.out, exist_ok=True)
-    tag = "_train_step" + ("_smoke" if a.smoke else "") + (f"_{a.tag}" if a.tag else "")
-    path = os.path.join(a.out, f"{gpu}_{date}{tag}.json")
+    stem = result_stem(a.out, "train_step", "smoke" if a.smoke else "", a.tag)
+    path, md = stem + ".json", stem + ".md"
     cfg = GPTConfig(d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
                     num_kv_heads=a.heads)
     head_dim = a.d_model // a.heads
     info = jax_flash.info()
-    result = {"gpu": gpu, "jax_version": jax.__version__, "date": date,
-              "jax_flash_path": info["path"], "smoke": a.smoke, "repeats": a.repeats,
+    result = {**header(), "jax_flash_path": info["path"], "smoke": a.smoke, "repeats": a.repeats,
               "config": {"d_model": a.d_model, "heads": a.heads, "head_dim": head_dim,
                          "layers": a.layers, "tokens": a.tokens, "vocab": cfg.vocab_size,
                          "mlp_ratio": cfg.mlp_ratio, "dtype": "bfloat16", "causal": True,
                          "optimizer": "adamw + clip_by_global_norm"},
               "rows": []}
-    print(f"gpu={gpu} jax={jax.__version__} jax_flash path={info['path']} -> {path}")
+    print(f"gpu={result['gpu']} jax={jax.__version__} jax_flash path={info['path']} -> {path}")
     for seqlen in a.seqlens:
         batch = max(1, a.tokens // seqlen)
         for impl in a.impls:
@@ -217,8 +213,7 @@ def main():
                       f"{row['tokens_per_s']:12,.0f} tokens/s  attention "
                       f"{row['attn_ms']:8.3f} ms/layer = {100 * row['attn_share']:5.1f}% "
                       "of the step", flush=True)
-            with open(path, "w") as f:  # incremental: survive a killed run
-                json.dump(result, f, indent=1)
+            save_json(path, result)  # incremental: survive a killed run
             jax.clear_caches()
             gc.collect()
         by_impl = {r["impl"]: r.get("tokens_per_s") for r in result["rows"]
@@ -229,10 +224,8 @@ def main():
                 result.setdefault("ratios", []).append(
                     dict(seqlen=seqlen, impl="jax_flash", vs=other, tokens_per_s_ratio=ratio))
                 print(f"s={seqlen:<5} jax_flash / {other}: {ratio:.2f}x tokens/s")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    save_json(path, result)
     table = markdown(result)
-    md = path[:-len(".json")] + ".md"
     with open(md, "w") as f:
         f.write(table)
     print("\n" + table + f"\nwrote {path}\nwrote {md}")

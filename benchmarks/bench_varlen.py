@@ -24,9 +24,7 @@ Output: benchmarks/results/<gpu>_<YYYY-MM-DD>_varlen.json plus a table.
 """
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import sys
 
@@ -37,7 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import gpu_name, jax_benchmark_fn, short_error, time_jax  # noqa: E402,I001
+from bench_attention import jax_benchmark_fn, short_error, time_jax  # noqa: E402,I001
+from results_io import header, result_stem, save_json  # noqa: E402
 
 IMPLS = ("jax_flash_varlen", "jax_flash_segments", "cudnn_padded", "xla_mask")
 
@@ -109,14 +108,11 @@ def main():
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     a = p.parse_args()
     lens = document_lengths(a.tokens, a.min_len, a.max_len, a.seed)
-    gpu, date = gpu_name(), datetime.date.today().isoformat()
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{gpu}_{date}_varlen.json")
+    path = result_stem(a.out, "varlen") + ".json"
     useful = sum(2.0 * n * n for n in lens) * a.nheads * a.headdim  # causal: half of 4 L^2
-    result = {"gpu": gpu, "jax_version": jax.__version__, "date": date, "tokens": a.tokens,
-              "doc_lengths": lens, "nheads": a.nheads, "headdim": a.headdim, "causal": True,
-              "repeats": a.repeats, "rows": []}
-    print(f"gpu={gpu} jax={jax.__version__} docs={len(lens)} max={max(lens)} -> {path}")
+    result = {**header(), "tokens": a.tokens, "doc_lengths": lens, "nheads": a.nheads,
+              "headdim": a.headdim, "causal": True, "repeats": a.repeats, "rows": []}
+    print(f"gpu={result['gpu']} jax={jax.__version__} docs={len(lens)} max={max(lens)} -> {path}")
     for mode in a.modes.split(","):
         base = None
         for impl in a.impls.split(","):
@@ -148,8 +144,7 @@ def main():
                 print(f"{mode:7} {r['impl']:19} {r['ms']:8.3f} ms  {r['tokens_per_s'] / 1e6:7.2f} "
                       f"Mtok/s  {r['useful_tflops']:6.1f} TFLOP/s"
                       + (f"  x{speed:.2f} vs cudnn_padded" if speed else ""), flush=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        save_json(path, result)
     print(f"\nwrote {path}")
 
 

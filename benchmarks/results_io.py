@@ -1,0 +1,38 @@
+"""Where the benchmarks write their results, and the fields every file starts with.
+
+A result is <out>/<gpu>_<YYYY-MM-DD>[_<part>...].json, some with a Markdown
+table (.md) beside it. results_table.py, compare_results.py and the files
+already in benchmarks/results/ rely on these names and header keys.
+"""
+
+import datetime
+import json
+import os
+
+import jax
+
+
+def gpu_name():
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return "cpu"
+    return dev.device_kind.strip().replace(" ", "_").lower()
+
+
+def header():
+    """{"gpu", "jax_version", "date"}: what ran the benchmark, and when."""
+    return {"gpu": gpu_name(), "jax_version": jax.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
+def result_stem(out_dir, *parts):
+    """<out_dir>/<gpu>_<date>_<part>_..., no extension, empty parts left out
+    (an unset --tag adds nothing); creates out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    name = "_".join([gpu_name(), datetime.date.today().isoformat(), *filter(None, parts)])
+    return os.path.join(out_dir, name)
+
+
+def save_json(path, result):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
