@@ -384,6 +384,42 @@ def test_low_precision_reference_is_close():
 
 
 @pytest.mark.parametrize("paged", [False, True])
+def test_decode_loop_carries_the_caches_in_place(paged):
+    # Eight appending steps in a fori_loop with the caches in the carry:
+    # the compiled program aliases the donated caches to the outputs and
+    # copies no cache, neither per step nor around the loop.
+    case = make_case(24, seqlen_new=1)
+    if paged:
+        case["block_table"] = np.arange(BATCH, dtype=np.int32)[:, None]
+    steps = 8
+    rs = np.random.RandomState(5)
+    qs = rand(rs, steps, *case["q"].shape)
+    ks, vs = (rand(rs, steps, *case[n].shape) for n in ("k", "v"))
+
+    def decode(k_cache, v_cache, qs, ks, vs):
+        def step(i, carry):
+            k_cache, v_cache, total = carry
+            out, k_cache, v_cache = flash_attn_with_kvcache(
+                qs[i], k_cache, v_cache, ks[i], vs[i], cache_seqlens=i + 3,
+                block_table=case.get("block_table"), causal=True)
+            return k_cache, v_cache, total + out.astype(jnp.float32).sum()
+        return jax.lax.fori_loop(0, steps, step, (k_cache, v_cache, jnp.float32(0)))
+
+    args = [jnp.asarray(x) for x in (case["k_cache"], case["v_cache"], qs, ks, vs)]
+    compiled = jax.jit(decode, donate_argnums=(0, 1)).lower(*args).compile()
+    text = compiled.as_text()
+    assert "input_output_alias={ {0}: (0, {}, may-alias), {1}: (1, {}, may-alias) }" in text
+    cache_type = "f16[" + ",".join(map(str, case["k_cache"].shape)) + "]"
+    assert cache_type in text
+    copies = [line for line in text.splitlines()
+              if cache_type in line and ("copy(" in line or "copy-start(" in line)]
+    assert not copies, copies
+    k_cache, _, _ = compiled(*args)  # (one page per sequence when paged)
+    np.testing.assert_array_equal(np.asarray(k_cache)[:, 3:3 + steps],
+                                  np.swapaxes(ks[:, :, 0], 0, 1))
+
+
+@pytest.mark.parametrize("paged", [False, True])
 def test_donated_caches_alias_the_outputs(paged):
     # The append is one scatter into the caches: donated, the updated caches
     # are the input buffers (what the decode kernels' path relies on).

@@ -237,6 +237,44 @@ def test_donated_caches_are_updated_in_place():
     np.testing.assert_array_equal(np.asarray(k_cache), np.asarray(ref[2]))
 
 
+def test_decode_loop_copies_no_cache():
+    # A fori_loop of appending decode steps with the caches in the carry:
+    # no cache-sized scratch, and the caches hold every appended row.
+    skip_if_not_compiled(128)
+    steps = 4
+    arrays, _ = make_case(19, batch=8, head_dim=128, heads=HEADS["gqa"], seqlen_cache=8192,
+                          seqlen_new=1, page_size=64)
+    rng = np.random.default_rng(0)
+    new = {n: jnp.asarray(rng.standard_normal((steps, *arrays[n].shape)), arrays[n].dtype)
+           for n in ("q", "k", "v")}
+    start = jnp.minimum(arrays["cache_seqlens"], 8192 - steps)
+
+    def decode(k_cache, v_cache, new):
+        def step(i, carry):
+            k_cache, v_cache, total = carry
+            out, k_cache, v_cache = jax_flash.flash_attn_with_kvcache(
+                new["q"][i], k_cache, v_cache, new["k"][i], new["v"][i],
+                cache_seqlens=start + i, block_table=arrays["block_table"], causal=True)
+            return k_cache, v_cache, total + out.astype(jnp.float32).sum()
+        return jax.lax.fori_loop(0, steps, step, (k_cache, v_cache, jnp.float32(0)))
+
+    args = (arrays["k_cache"], arrays["v_cache"], new)
+    compiled = jax.jit(decode, donate_argnums=(0, 1)).lower(*args).compile()
+    stats = compiled.memory_analysis()
+    cache_bytes = arrays["k_cache"].nbytes
+    assert stats.alias_size_in_bytes >= 2 * cache_bytes
+    assert stats.temp_size_in_bytes < cache_bytes // 4, stats
+    expect_k = np.asarray(arrays["k_cache"]).copy()
+    k_cache, _, _ = compiled(jnp.array(arrays["k_cache"]), jnp.array(arrays["v_cache"]), new)
+    table, page = np.asarray(arrays["block_table"]), arrays["k_cache"].shape[1]
+    for b in range(8):
+        for i in range(steps):
+            pos = int(start[b]) + i
+            row = np.clip(table[b, pos // page], 0, expect_k.shape[0] - 1)
+            expect_k[row, pos % page] = np.asarray(new["k"][i, b, 0])
+    np.testing.assert_array_equal(np.asarray(k_cache), expect_k)
+
+
 def test_vmap_runs_each_element():
     skip_if_not_compiled(64)
     arrays, _ = make_case(18, batch=2, head_dim=64, seqlen_cache=100, seqlen_new=1)
