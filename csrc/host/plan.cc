@@ -171,16 +171,15 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 // at once (SMs x blocks per SM from the tile's shared memory, 1 KB of it
 // reserved per block by the driver, at most 4), s splits take
 //   ceil(blocks * s / wave) rounds x (tiles / s + kBlockOverheadTiles)
-// plus a combine pass (kCombineTiles) when s > 1. The plan takes the s of
-// least cost among those that leave a split at least kMinKeysPerSplit keys
-// of a full-length sequence, more splits only for a gain of over 5% (the
-// model is rough: 512 blocks on 264 slots, 3% idle, are not worth 17
-// splits). A ragged last round
-// costs a whole round: 64 blocks in 9 splits (576 blocks on 264 slots)
-// take three rounds where 8 splits take two. Decode contexts are runtime
-// values, so the model assumes full caches: a cache far longer than its
-// sequences gets splits that find no keys (a block launch and a skip in the
-// combine each).
+// plus a combine pass (kCombineTiles) when s > 1. A ragged last round costs
+// a whole round: 64 blocks in 9 splits (576 blocks on 264 slots) take three
+// rounds where 8 splits take two. The plan takes the s of least cost among
+// those that leave a split at least kMinKeysPerSplit keys of a full-length
+// sequence, more splits only for a gain of over 5% (the model is rough: 512
+// blocks on 264 slots, 3% idle, are not worth 17 splits). Decode contexts
+// are runtime values, so the model assumes full caches: a cache far longer
+// than its sequences gets splits that find no keys (a block launch and a
+// skip in the combine each).
 int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
                        const DeviceInfo& device) {
   const int64_t tiles = (pb.seqlen_cache + plan.block_n - 1) / plan.block_n;
