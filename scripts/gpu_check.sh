@@ -5,6 +5,8 @@
 #   scripts/gpu_check.sh [build] [test] [bench] [quick]
 #
 # Environment: JAX_FLASH_CUDA_ARCHS / JAX_FLASH_HEADDIMS / JAX_FLASH_VARIANTS narrow the build;
+# JAX_FLASH_KERNEL_ARCHIVE links kernels compiled before (scripts/build_kernel_archive.sh;
+# when it does not match the tree, the kernels are compiled);
 # WHEELS (default .whl/) holds the nvidia-cutlass wheel; OUT (default
 # /tmp/jax_flash_out) receives logs and benchmark JSON; PYTEST_ARGS and
 # BENCH_ARGS pass extra arguments through.
@@ -21,7 +23,7 @@ rc=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # This exact tree may already be built and installed (stamp file): skip it then.
-stamp="$(cd "$repo" && find csrc jax_flash CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | sort | xargs cat | md5sum) ${JAX_FLASH_CUDA_ARCHS:-} ${JAX_FLASH_HEADDIMS:-} ${JAX_FLASH_VARIANTS:-} ${JAX_FLASH_LINEINFO:-}"
+stamp="$(cd "$repo" && find csrc jax_flash CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' | sort | xargs cat | md5sum) ${JAX_FLASH_CUDA_ARCHS:-} ${JAX_FLASH_HEADDIMS:-} ${JAX_FLASH_VARIANTS:-} ${JAX_FLASH_LINEINFO:-} ${JAX_FLASH_KERNEL_ARCHIVE:-}"
 if has build && [ -f /tmp/jax_flash_build.stamp ] && [ "$(cat /tmp/jax_flash_build.stamp)" == "$stamp" ] &&
    (cd /tmp && $PY -c "import jax_flash._C") 2>/dev/null; then
   echo "== build: already installed for this tree, skipped"
@@ -29,10 +31,23 @@ elif has build; then
   # Offline: build requirements come from the environment plus local wheels.
   $PY -c "import cutlass_library" 2>/dev/null ||
     $PY -m pip install -q --no-index --no-deps "$WHEELS"/nvidia_cutlass-*.whl || exit 1
-  echo "== build: archs=${JAX_FLASH_CUDA_ARCHS:-default} headdims=${JAX_FLASH_HEADDIMS:-default} variants=${JAX_FLASH_VARIANTS:-all}"
+  echo "== build: archs=${JAX_FLASH_CUDA_ARCHS:-default} headdims=${JAX_FLASH_HEADDIMS:-default} variants=${JAX_FLASH_VARIANTS:-all} kernel archive=${JAX_FLASH_KERNEL_ARCHIVE:-none}"
   start=$(date +%s)
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v "$repo" \
-    > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  install() {
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v "$repo" \
+      > "$OUT/build.log" 2>&1
+  }
+  if ! install; then
+    # A kernel archive built from other sources or settings: compile them here.
+    if [ -n "${JAX_FLASH_KERNEL_ARCHIVE:-}" ] && grep -q "JAX_FLASH_KERNEL_ARCHIVE" "$OUT/build.log"; then
+      grep -A3 "JAX_FLASH_KERNEL_ARCHIVE" "$OUT/build.log" | head -8
+      echo "== build: the kernel archive does not match this tree; compiling the kernels"
+      unset JAX_FLASH_KERNEL_ARCHIVE
+      install || { tail -60 "$OUT/build.log"; exit 1; }
+    else
+      tail -60 "$OUT/build.log"; exit 1
+    fi
+  fi
   echo "== build took $(( $(date +%s) - start )) s on $(nproc) cores"
   echo "$stamp" > /tmp/jax_flash_build.stamp
   so=$(cd /tmp && $PY -c "import jax_flash._C as c; print(c.__file__)")

@@ -11,6 +11,8 @@
 #   benchmods  bench_modifiers.py (BENCH_MODS_ARGS)
 #   benchvarlen  bench_varlen.py (BENCH_VARLEN_ARGS)
 #   benchdecode  bench_decode.py (BENCH_DECODE_ARGS): kv-cache decode
+#   benchvariants  bench_variants.py (BENCH_VARIANTS_ARGS): every call on every
+#              kernel variant that covers it (what a smaller build costs)
 #   sanitize   compute-sanitizer memcheck, racecheck and initcheck over
 #              scripts/sanitize_kvcache.py (the decode kernels' adversarial cases)
 #   breakdown  per-kernel times of a training step under ncu
@@ -25,6 +27,12 @@ export OUT=${OUT:-/tmp/jax_flash_out}
 mkdir -p "$OUT"
 # Reference matmuls of many shapes: autotuning each would dominate the run.
 export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_autotune_level=0}
+# Kernels compiled elsewhere (scripts/build_kernel_archive.sh .kernels/sm90) are
+# linked when they match the tree; JAX_FLASH_KERNEL_ARCHIVE= (empty) compiles.
+archive=$repo/.kernels/sm90/libjax_flash_kernels.a
+if [ -z "${JAX_FLASH_KERNEL_ARCHIVE+set}" ] && [ -f "$archive" ]; then
+  export JAX_FLASH_KERNEL_ARCHIVE=$archive
+fi
 JAX_FLASH_CUDA_ARCHS=${JAX_FLASH_CUDA_ARCHS:-90} "$repo/scripts/gpu_check.sh" build || exit 1
 cd /tmp
 rc=0
@@ -58,6 +66,9 @@ for step in ${STEPS:-}; do
     benchdecode) python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" ${BENCH_DECODE_ARGS:-} 2>&1 |
                    tee "$OUT/bench_decode.log" | tail -60
                  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    benchvariants) python3 "$repo/benchmarks/bench_variants.py" --out "$OUT" ${BENCH_VARIANTS_ARGS:-} 2>&1 |
+                     tee "$OUT/bench_variants.log" | tail -40
+                   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     sanitize)
       cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | sort -V | tail -1)
       if [ ! -x "$cs" ]; then echo "sanitize: compute-sanitizer not found"; rc=1; continue; fi

@@ -1,6 +1,12 @@
 """Public API: argument validation (every error message) and the composition
 of flash_attn_func with jit / vmap / grad on whatever backend runs the tests."""
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,6 +226,50 @@ def test_plan_runs_the_cheapest_compiled_variant(needs):
                       "local" in needs and "segments" not in needs, "mods" in needs, False,
                       "dropout" in needs, "segments" in needs, False, 132)
     assert p.variant == expected, (needs, compiled)
+
+
+_FORCED_PLAN = """
+import json
+from jax_flash._src import extension
+d = extension.compiled_head_dims()[0]
+out = {}
+for name, needs in (("plain", (False, False, False, False)), ("window", (True, False, False, False)),
+                    ("softcap", (False, True, False, False)), ("dropout", (False, False, True, False))):
+    local, softcap, dropout, segs = needs
+    try:
+        out[name] = extension._C.plan(2, 128, 128, 4, 4, d, -1, local, softcap, False, dropout,
+                                      segs, False, 132)["variant"]
+    except Exception as e:
+        out[name] = type(e).__name__ + ": " + str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("forced", ["local", "dropout", "fast"])
+def test_a_forced_variant_runs_every_call_it_covers(forced):
+    # JAX_FLASH_FORCE_VARIANT times a smaller build on this one: calls the
+    # named variant covers run on it, the others as before; a name that is
+    # not a compiled variant is an error naming the variable.
+    from jax_flash._src import extension
+    if not extension.has_kernels():
+        pytest.skip("needs the compiled extension (_C.plan)")
+    compiled = list(extension._C.build_info()["variants"])
+    if forced != "fast" and forced not in compiled:
+        pytest.skip(f"variant {forced} not compiled")
+    proc = subprocess.run([sys.executable, "-c", _FORCED_PLAN], capture_output=True, text=True,
+                          env={**os.environ, "JAX_FLASH_FORCE_VARIANT": forced},
+                          cwd=tempfile.gettempdir(), timeout=120)
+    got = json.loads(proc.stdout.splitlines()[-1])
+    if forced == "fast":
+        assert all("JAX_FLASH_FORCE_VARIANT must name a compiled variant" in v and "'fast'" in v
+                   for v in got.values()), got
+        return
+    for call, needs in (("plain", set()), ("window", {"local"}), ("softcap", {"mods"}),
+                        ("dropout", {"dropout"})):
+        covered = needs <= _VARIANT_FEATURES[forced]
+        cheapest = next(v for v in _VARIANT_FEATURES
+                        if v in compiled and needs <= _VARIANT_FEATURES[v])
+        assert got[call] == (forced if covered else cheapest), (call, got)
 
 
 def test_packed_dtype_errors_name_the_packed_argument():

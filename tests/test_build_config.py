@@ -105,3 +105,76 @@ def test_unknown_variant_is_an_error(tmp_path):
     out, info = _configure(tmp_path, "-DJAX_FLASH_VARIANTS=full;fast")
     assert info is None
     assert "unknown kernel variant 'fast' in JAX_FLASH_VARIANTS" in out, out
+
+
+def _fake_cutlass(tmp_path):
+    """The two CUTLASS headers configure reads (the kernel inputs hash version.h)."""
+    root = tmp_path / "cutlass_include"
+    (root / "cute").mkdir(parents=True)
+    (root / "cutlass").mkdir()
+    (root / "cute" / "tensor.hpp").write_text("// CuTe\n")
+    (root / "cutlass" / "version.h").write_text("#define CUTLASS_MAJOR 4\n")
+    return root
+
+
+def _configure_kernels(tmp_path, *defines):
+    """Like _configure with the kernels on; CMake's line wrapping undone."""
+    cutlass = _fake_cutlass(tmp_path)
+    out, info = _configure(tmp_path, "-DJAX_FLASH_BUILD_CUDA=ON", "-DJAX_FLASH_CUDA_ARCHS=80",
+                      "-DJAX_FLASH_HEADDIMS=64", f"-DJAX_FLASH_CUTLASS_DIR={cutlass}", *defines)
+    return " ".join(out.split()), info
+
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+
+
+@needs_nvcc
+def test_configure_lists_what_the_kernels_are_built_from(tmp_path):
+    out, _ = _configure_kernels(tmp_path)
+    lines = (tmp_path / "build" / "kernel_inputs.txt").read_text().splitlines()
+    assert lines[0].startswith("nvcc ") and "archs 80" in lines, out
+    assert any(line.startswith("csrc/instantiations/fwd_hdim64_bf16_full.cu ") for line in lines)
+    assert any(line.startswith("csrc/sm80/bwd_kernel.h ") for line in lines)
+    assert any(line.startswith("cutlass/version.h ") for line in lines)
+    assert not any("hdim128" in line for line in lines)  # head dims not compiled
+
+
+def _archive(tmp_path, lines):
+    archive = tmp_path / "prebuilt" / "libjax_flash_kernels.a"
+    archive.parent.mkdir()
+    archive.write_bytes(b"!<arch>\n")
+    (tmp_path / "prebuilt" / "libjax_flash_kernels.a.inputs.txt").write_text("\n".join(lines) + "\n")
+    return archive
+
+
+@needs_nvcc
+def test_a_matching_kernel_archive_is_linked(tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    _configure_kernels(first)
+    lines = (first / "build" / "kernel_inputs.txt").read_text().splitlines()
+    archive = _archive(tmp_path, lines)
+    out, _ = _configure_kernels(tmp_path, f"-DJAX_FLASH_KERNEL_ARCHIVE={archive}")
+    assert f"linking the prebuilt kernels in {archive}" in out, out
+
+
+@needs_nvcc
+def test_a_stale_kernel_archive_is_an_error_naming_the_difference(tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    _configure_kernels(first)
+    lines = (first / "build" / "kernel_inputs.txt").read_text().splitlines()
+    changed = [line if not line.startswith("csrc/sm80/fwd_kernel.h ") else
+               "csrc/sm80/fwd_kernel.h 0000" for line in lines]
+    archive = _archive(tmp_path, changed)
+    out, _ = _configure_kernels(tmp_path, f"-DJAX_FLASH_KERNEL_ARCHIVE={archive}")
+    assert "built from other sources or settings than this tree's" in out, out
+    assert "archive: csrc/sm80/fwd_kernel.h 0000" in out
+    assert "this tree: csrc/sm80/fwd_kernel.h " in out
+    assert "linking the prebuilt kernels" not in out
+
+
+@needs_nvcc
+def test_a_missing_kernel_archive_is_an_error(tmp_path):
+    out, _ = _configure_kernels(tmp_path, f"-DJAX_FLASH_KERNEL_ARCHIVE={tmp_path}/none.a")
+    assert f"expected '{tmp_path}/none.a'" in out and "got no such file" in out, out

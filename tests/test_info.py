@@ -41,6 +41,20 @@ def test_info_on_this_machine():
         assert "compute_capability" in d
 
 
+def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
+    monkeypatch.delenv("JAX_FLASH_FORCE_VARIANT", raising=False)
+    d = jax_flash.info()
+    assert d["kvcache_path"] == info_lib.REFERENCE_PATH
+    assert d["settings"] == ["JAX_FLASH_KVCACHE_KERNELS=0"]
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "1")
+    d = jax_flash.info()
+    assert d["kvcache_path"] == (info_lib.KERNEL_PATH if d["kernels_will_run"]
+                                 else info_lib.REFERENCE_PATH)
+    monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS")
+    assert "settings" not in jax_flash.info()
+
+
 def test_info_is_exported():
     assert "info" in jax_flash.__all__
     assert jax_flash.info is info_lib.info

@@ -2,6 +2,8 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/launch.h"
 #include "../decode/tile.h"
@@ -67,6 +69,28 @@ std::string choose_head_dim(int64_t head_dim, int* padded, int* kernel) {
   return "";
 }
 
+// JAX_FLASH_FORCE_VARIANT=<name>: every call the named variant covers runs
+// on it instead of a cheaper one, as it would in a build without the cheaper
+// variants: what a smaller build would cost, timed on one build
+// (benchmarks/bench_variants.py). Read once per process. Returns the
+// variant's index, -1 when unset, or an error message.
+std::string forced_variant(int* index) {
+  static const char* const name = std::getenv("JAX_FLASH_FORCE_VARIANT");
+  *index = -1;
+  if (name == nullptr || *name == '\0') return "";
+  std::string compiled;
+  for (int i = 0; i < kNumVariants; ++i) {
+    if (!kVariantCompiled[i]) continue;
+    if (std::strcmp(name, kVariantNames[i]) == 0) {
+      *index = i;
+      return "";
+    }
+    compiled += std::string(compiled.empty() ? "" : ", ") + kVariantNames[i];
+  }
+  return std::string("JAX_FLASH_FORCE_VARIANT must name a compiled variant (one of ") + compiled +
+         "), got '" + name + "'";
+}
+
 }  // namespace
 
 const char* name_of(Family family) {
@@ -104,6 +128,12 @@ std::string make_plan(const Problem& pb, Plan* plan) {
   need.dropout = pb.dropout;
   need.segs = pb.segments;
   plan->variant = choose_variant(need);
+  int forced = -1;
+  const std::string forced_err = forced_variant(&forced);
+  if (!forced_err.empty()) return forced_err;
+  if (forced >= 0 && covers(kVariantFeatures[forced], need)) {
+    plan->variant = static_cast<Variant>(forced);
+  }
   // Varlen: room for every sequence to start on a tile boundary (params.h).
   plan->dq_tile_rows = bwd::kBwdBlockM;
   const int64_t rows = pb.varlen() ? pb.total_q + pb.batch * bwd::kBwdBlockM : pb.seqlen_q;
