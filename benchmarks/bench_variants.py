@@ -177,6 +177,7 @@ def main():
     result = {**header(), "compiled": compiled, "tokens": a.tokens, "hidden": a.hidden,
               "repeats": a.repeats, "rows": []}
     print(f"gpu={result['gpu']} jax={jax.__version__} variants={compiled} -> {path}", flush=True)
+    failed = []
     for variant in compiled:
         argv = [sys.executable, os.path.abspath(__file__), "--child", variant,
                 "--headdims", ",".join(map(str, a.headdims)),
@@ -196,6 +197,7 @@ def main():
             save_json(path, result)
         if proc.wait():
             print(f"child for {variant} exited with {proc.returncode}", flush=True)
+            failed.append(variant)
     table, worst = summarize(result["rows"], compiled)
     result["table"], result["worst_without"] = table, worst
     save_json(path, result)
@@ -203,6 +205,9 @@ def main():
     with open(path[:-5] + ".md", "w") as f:
         f.write(md)
     print("\n" + md + f"wrote {path}")
+    if failed or any(r["ms"] is None for r in result["rows"]):
+        sys.exit(f"failed: children {failed}, "
+                 f"{sum(r['ms'] is None for r in result['rows'])} rows with errors")
 
 
 if __name__ == "__main__":

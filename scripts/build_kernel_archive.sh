@@ -6,16 +6,19 @@
 #   scripts/build_kernel_archive.sh OUTDIR
 #
 # Reads JAX_FLASH_CUDA_ARCHS (default 90), JAX_FLASH_HEADDIMS,
-# JAX_FLASH_VARIANTS and JAX_FLASH_LINEINFO like pip install does; the build
-# that links the archive must use the same values and sources (its configure
-# step compares them with OUTDIR/libjax_flash_kernels.a.inputs.txt).
+# JAX_FLASH_VARIANTS, JAX_FLASH_LINEINFO and JAX_FLASH_CUTLASS_DIR like pip
+# install does; the build that links the archive must use the same values,
+# sources and CUTLASS (its configure step compares them with
+# OUTDIR/libjax_flash_kernels.a.inputs.txt). Configure runs in full, so
+# PYTHON (default python3) needs the build requirements: jax, nanobind,
+# nvidia-cutlass (unless JAX_FLASH_CUTLASS_DIR) and the Python headers.
 # OUTDIR/compile_seconds.txt lists each kernel file's compile time;
-# KERNEL_BUILD_DIR (default OUTDIR/build) holds the objects.
+# KERNEL_BUILD_DIR (default build/kernel_archive) holds the objects.
 set -euo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$1"; out=$(cd "$1" && pwd)
-build=${KERNEL_BUILD_DIR:-$out/build}  # reused: only changed files recompile
+build=${KERNEL_BUILD_DIR:-$repo/build/kernel_archive}  # reused: only changed files recompile
 py=${PYTHON:-python3}
 : > "$out/compile_seconds.txt"
 cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -23,6 +26,7 @@ cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DJAX_FLASH_BUILD_CUDA=ON -DJAX_FLASH_CUDA_ARCHS="${JAX_FLASH_CUDA_ARCHS:-90}" \
   -DJAX_FLASH_HEADDIMS="${JAX_FLASH_HEADDIMS:-32;64;96;128;192;256}" \
   -DJAX_FLASH_VARIANTS="${JAX_FLASH_VARIANTS:-all}" -DJAX_FLASH_LINEINFO="${JAX_FLASH_LINEINFO:-OFF}" \
+  -DJAX_FLASH_CUTLASS_DIR="${JAX_FLASH_CUTLASS_DIR:-}" \
   -DCMAKE_CUDA_COMPILER_LAUNCHER="$repo/scripts/timed.sh;$out/compile_seconds.txt" > "$out/configure.log"
 grep "kernel files" "$out/configure.log"
 start=$(date +%s)

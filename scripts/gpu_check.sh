@@ -33,17 +33,17 @@ elif has build; then
     $PY -m pip install -q --no-index --no-deps "$WHEELS"/nvidia_cutlass-*.whl || exit 1
   echo "== build: archs=${JAX_FLASH_CUDA_ARCHS:-default} headdims=${JAX_FLASH_HEADDIMS:-default} variants=${JAX_FLASH_VARIANTS:-all} kernel archive=${JAX_FLASH_KERNEL_ARCHIVE:-none}"
   start=$(date +%s)
-  install() {
+  build_and_install() {
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v "$repo" \
       > "$OUT/build.log" 2>&1
   }
-  if ! install; then
+  if ! build_and_install; then
     # A kernel archive built from other sources or settings: compile them here.
-    if [ -n "${JAX_FLASH_KERNEL_ARCHIVE:-}" ] && grep -q "JAX_FLASH_KERNEL_ARCHIVE" "$OUT/build.log"; then
-      grep -A3 "JAX_FLASH_KERNEL_ARCHIVE" "$OUT/build.log" | head -8
+    if [ -n "${JAX_FLASH_KERNEL_ARCHIVE:-}" ] && grep -qE "JAX_FLASH_KERNEL_ARCHIVE( was built|: expected)" "$OUT/build.log"; then
+      grep -A6 "JAX_FLASH_KERNEL_ARCHIVE\( was built\|: expected\)" "$OUT/build.log" | head -12
       echo "== build: the kernel archive does not match this tree; compiling the kernels"
       unset JAX_FLASH_KERNEL_ARCHIVE
-      install || { tail -60 "$OUT/build.log"; exit 1; }
+      build_and_install || { tail -60 "$OUT/build.log"; exit 1; }
     else
       tail -60 "$OUT/build.log"; exit 1
     fi

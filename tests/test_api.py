@@ -259,6 +259,7 @@ def test_a_forced_variant_runs_every_call_it_covers(forced):
     proc = subprocess.run([sys.executable, "-c", _FORCED_PLAN], capture_output=True, text=True,
                           env={**os.environ, "JAX_FLASH_FORCE_VARIANT": forced},
                           cwd=tempfile.gettempdir(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.splitlines()[-1])
     if forced == "fast":
         assert all("JAX_FLASH_FORCE_VARIANT must name a compiled variant" in v and "'fast'" in v

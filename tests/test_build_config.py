@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -121,7 +122,8 @@ def _configure_kernels(tmp_path, *defines):
     """Like _configure with the kernels on; CMake's line wrapping undone."""
     cutlass = _fake_cutlass(tmp_path)
     out, info = _configure(tmp_path, "-DJAX_FLASH_BUILD_CUDA=ON", "-DJAX_FLASH_CUDA_ARCHS=80",
-                      "-DJAX_FLASH_HEADDIMS=64", f"-DJAX_FLASH_CUTLASS_DIR={cutlass}", *defines)
+                      "-DJAX_FLASH_HEADDIMS=64", f"-DJAX_FLASH_CUTLASS_DIR={cutlass}",
+                      f"-DPython_EXECUTABLE={sys.executable}", *defines)
     return " ".join(out.split()), info
 
 

@@ -49,8 +49,7 @@ def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
     assert d["settings"] == ["JAX_FLASH_KVCACHE_KERNELS=0"]
     monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "1")
     d = jax_flash.info()
-    assert d["kvcache_path"] == (info_lib.KERNEL_PATH if d["kernels_will_run"]
-                                 else info_lib.REFERENCE_PATH)
+    assert d["kvcache_path"] == d["path"]
     monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS")
     assert "settings" not in jax_flash.info()
 

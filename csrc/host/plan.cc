@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 
 #include "../common/launch.h"
 #include "../decode/tile.h"
@@ -75,13 +74,16 @@ std::string choose_head_dim(int64_t head_dim, int* padded, int* kernel) {
 // (benchmarks/bench_variants.py). Read once per process. Returns the
 // variant's index, -1 when unset, or an error message.
 std::string forced_variant(int* index) {
-  static const char* const name = std::getenv("JAX_FLASH_FORCE_VARIANT");
+  static const std::string name = [] {
+    const char* value = std::getenv("JAX_FLASH_FORCE_VARIANT");
+    return std::string(value == nullptr ? "" : value);
+  }();
   *index = -1;
-  if (name == nullptr || *name == '\0') return "";
+  if (name.empty()) return "";
   std::string compiled;
   for (int i = 0; i < kNumVariants; ++i) {
     if (!kVariantCompiled[i]) continue;
-    if (std::strcmp(name, kVariantNames[i]) == 0) {
+    if (name == kVariantNames[i]) {
       *index = i;
       return "";
     }

@@ -22,10 +22,10 @@ REFERENCE_PATH = "reference (plain JAX)"
 # there, calls raise instead.
 FAILING_PATH = "none: calls raise on this GPU (see why)"
 
-# pip distributions whose version tells which CUDA JAX itself runs on.
 # Environment variables read at run time that change which kernels run
 # (jax_flash/_src/cuda_kvcache.py, csrc/host/plan.cc); reported when set.
 RUNTIME_VARIABLES = ("JAX_FLASH_KVCACHE_KERNELS", "JAX_FLASH_FORCE_VARIANT")
+# pip distributions whose version tells which CUDA JAX itself runs on.
 _JAX_CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
 
 
@@ -235,7 +235,7 @@ def info() -> dict[str, Any]:
     d["path"] = path_for(backend, will_run)
     from jax_flash._src import cuda_kvcache
 
-    d["kvcache_path"] = (KERNEL_PATH if will_run and cuda_kvcache.enabled() else
+    d["kvcache_path"] = (path_for(backend, will_run) if cuda_kvcache.enabled() else
                          REFERENCE_PATH)
     settings = [f"{name}={os.environ[name]}" for name in RUNTIME_VARIABLES if name in os.environ]
     if settings:
