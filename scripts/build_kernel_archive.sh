@@ -28,7 +28,7 @@ cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DJAX_FLASH_VARIANTS="${JAX_FLASH_VARIANTS:-all}" -DJAX_FLASH_LINEINFO="${JAX_FLASH_LINEINFO:-OFF}" \
   -DJAX_FLASH_CUTLASS_DIR="${JAX_FLASH_CUTLASS_DIR:-}" \
   -DCMAKE_CUDA_COMPILER_LAUNCHER="$repo/scripts/timed.sh;$out/compile_seconds.txt" > "$out/configure.log"
-grep "kernel files" "$out/configure.log"
+grep "kernels in" "$out/configure.log"
 start=$(date +%s)
 cmake --build "$build" --target jax_flash_kernel_objects -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 echo "kernels compiled in $(( $(date +%s) - start )) s on $(nproc) cores"

@@ -51,7 +51,7 @@ elif has build; then
   echo "== build took $(( $(date +%s) - start )) s on $(nproc) cores"
   echo "$stamp" > /tmp/jax_flash_build.stamp
   so=$(cd /tmp && $PY -c "import jax_flash._C as c; print(c.__file__)")
-  echo "== extension: $(du -m "$so" | cut -f1) MB, $(grep -o '[0-9]* kernel files' "$OUT/build.log" | head -1)"
+  echo "== extension: $(du -m "$so" | cut -f1) MB, $(grep -o '[0-9]* kernels in [0-9]* files' "$OUT/build.log" | head -1)"
   cuobjdump --dump-resource-usage "$so" 2>/dev/null | grep -E "Function|REG" | paste - - |
     sed -E 's/.*attn_(fwd|bwd)_kernel.*TraitsIN7cutlass([0-9a-z_]+)ELi([0-9]+)E.*ELb([01])ELb([01])ELb([01])ELb([01])E.*REG:([0-9]+) STACK:[0-9]+ SHARED:[0-9]+ LOCAL:([0-9]+).*/\1 \2 hdim=\3 local=\4 mods=\5 dropout=\6 segs=\7 REG=\8 LOCAL=\9/' |
     sort -u | tee "$OUT/resources.txt"

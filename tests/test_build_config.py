@@ -2,7 +2,7 @@
 kernels only where they can run (nvcc found and an NVIDIA GPU visible), for
 the visible GPUs' architectures; otherwise a CPU-only package whose
 _build.json says why. GPUs are faked with an nvidia-smi script on PATH.
-JAX_FLASH_VARIANTS picks the kernel files (configure prints their count)."""
+JAX_FLASH_VARIANTS picks the kernels (configure prints their count)."""
 
 import json
 import os
@@ -88,18 +88,20 @@ def test_off_wins_over_a_visible_gpu(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("variants,expected,files", [
+@pytest.mark.parametrize("variants,expected,kernels", [
     ("all", ["full", "local", "segs", "mods", "dropout"], 22),
     # the variant that covers every feature is always added
     ("local", ["local", "dropout"], 10),
     ("mods;full", ["mods", "full", "dropout"], 14),
 ])
-def test_variants_choose_the_kernel_files(tmp_path, variants, expected, files):
-    # Head dim 64: 2 passes x 2 dtypes per variant, plus the 2 decode files.
+def test_variants_choose_the_kernels(tmp_path, variants, expected, kernels):
+    # Head dim 64: 2 passes x 2 dtypes per variant, plus the 2 decode
+    # kernels, in 6 files (one per pass and dtype holds every variant).
     out, info = _configure(tmp_path, "-DJAX_FLASH_BUILD_CUDA=ON", "-DJAX_FLASH_CUDA_ARCHS=80",
                            "-DJAX_FLASH_HEADDIMS=64", f"-DJAX_FLASH_VARIANTS={variants}")
     assert info["variants"] == expected, out
-    assert f"jax_flash: {files} kernel files (head dims 64; variants {';'.join(expected)})" in out
+    assert (f"jax_flash: {kernels} kernels in 6 files (head dims 64; "
+            f"variants {';'.join(expected)})") in out
 
 
 def test_unknown_variant_is_an_error(tmp_path):
@@ -135,7 +137,7 @@ def test_configure_lists_what_the_kernels_are_built_from(tmp_path):
     out, _ = _configure_kernels(tmp_path)
     lines = (tmp_path / "build" / "kernel_inputs.txt").read_text().splitlines()
     assert lines[0].startswith("nvcc ") and "archs 80" in lines, out
-    assert any(line.startswith("csrc/instantiations/fwd_hdim64_bf16_full.cu ") for line in lines)
+    assert any(line.startswith("csrc/instantiations/fwd_hdim64_bf16.cu ") for line in lines)
     assert any(line.startswith("csrc/sm80/bwd_kernel.h ") for line in lines)
     assert any(line.startswith("cutlass/version.h ") for line in lines)
     assert not any("hdim128" in line for line in lines)  # head dims not compiled
