@@ -151,12 +151,17 @@ def _archive(tmp_path, lines):
     return archive
 
 
-@needs_nvcc
-def test_a_matching_kernel_archive_is_linked(tmp_path):
+def _tree_inputs(tmp_path):
+    """The kernel inputs list of this tree, from a configure of its own."""
     first = tmp_path / "first"
     first.mkdir()
     _configure_kernels(first)
-    lines = (first / "build" / "kernel_inputs.txt").read_text().splitlines()
+    return (first / "build" / "kernel_inputs.txt").read_text().splitlines()
+
+
+@needs_nvcc
+def test_a_matching_kernel_archive_is_linked(tmp_path):
+    lines = _tree_inputs(tmp_path)
     archive = _archive(tmp_path, lines)
     out, _ = _configure_kernels(tmp_path, f"-DJAX_FLASH_KERNEL_ARCHIVE={archive}")
     assert f"linking the prebuilt kernels in {archive}" in out, out
@@ -164,10 +169,7 @@ def test_a_matching_kernel_archive_is_linked(tmp_path):
 
 @needs_nvcc
 def test_a_stale_kernel_archive_is_an_error_naming_the_difference(tmp_path):
-    first = tmp_path / "first"
-    first.mkdir()
-    _configure_kernels(first)
-    lines = (first / "build" / "kernel_inputs.txt").read_text().splitlines()
+    lines = _tree_inputs(tmp_path)
     changed = [line if not line.startswith("csrc/sm80/fwd_kernel.h ") else
                "csrc/sm80/fwd_kernel.h 0000" for line in lines]
     archive = _archive(tmp_path, changed)
