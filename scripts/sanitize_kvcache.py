@@ -106,10 +106,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="one head dim, three splits only (racecheck and initcheck are slow)")
+    p.add_argument("--only", default="",
+                   help="comma-separated substrings: run the cases whose names contain one")
     a = p.parse_args()
     if jax.default_backend() != "gpu" or not jax_flash.has_kernels():
         sys.exit("needs a GPU and the compiled extension")
-    results = [check(*c) for c in cases(a.quick)]
+    only = [s for s in a.only.split(",") if s]
+    results = [check(*c) for c in cases(a.quick) if not only or any(s in c[0] for s in only)]
     print(f"{sum(results)} / {len(results)} cases ok")
     sys.exit(0 if all(results) else 1)
 
