@@ -13,8 +13,9 @@
 #   benchdecode  bench_decode.py (BENCH_DECODE_ARGS): kv-cache decode
 #   benchvariants  bench_variants.py (BENCH_VARIANTS_ARGS): every call on every
 #              kernel variant that covers it (what a smaller build costs)
-#   sanitize   compute-sanitizer memcheck, racecheck and initcheck over
-#              scripts/sanitize_kvcache.py (the decode kernels' adversarial cases)
+#   sanitize   compute-sanitizer memcheck, racecheck and initcheck, one after
+#              another, over scripts/sanitize_kvcache.py (the decode kernels'
+#              adversarial cases; SANITIZE_ONLY: its --only filter)
 #   breakdown  per-kernel times of a training step under ncu
 #              (BREAKDOWN: "batch,seqlen,nheads,head_dim ..." shapes)
 #   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
@@ -74,11 +75,12 @@ for step in ${STEPS:-}; do
       if [ ! -x "$cs" ]; then echo "sanitize: compute-sanitizer not found"; rc=1; continue; fi
       for tool in memcheck racecheck initcheck; do
         # racecheck and initcheck only on our decode kernels (slow, and
-        # XLA's own kernels are not ours to check).
+        # XLA's own kernels and copies are not ours to check).
         opts=$([ "$tool" = memcheck ] || echo "--kernel-name kns=decode_")
+        [ "$tool" = initcheck ] && opts="$opts --check-api-memory-access no"
         quick=$([ "$tool" = memcheck ] || echo --quick)
         "$cs" --tool "$tool" $opts --error-exitcode 3 python3 "$repo/scripts/sanitize_kvcache.py" \
-          $quick > "$OUT/sanitize_$tool.log" 2>&1 || rc=1
+          $quick ${SANITIZE_ONLY:+--only "$SANITIZE_ONLY"} > "$OUT/sanitize_$tool.log" 2>&1 || rc=1
         echo "-- $tool: $(tail -1 "$OUT/sanitize_$tool.log")"
       done ;;
     breakdown)
