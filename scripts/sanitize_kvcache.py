@@ -5,13 +5,15 @@ compute-sanitizer (run on the GPU machine, from the repository root):
   compute-sanitizer --tool memcheck python scripts/sanitize_kvcache.py
   compute-sanitizer --tool racecheck --kernel-name kns=decode_ \
       python scripts/sanitize_kvcache.py --quick
-  compute-sanitizer --tool initcheck --kernel-name kns=decode_ \
+  compute-sanitizer --tool initcheck --check-api-memory-access no \
       python scripts/sanitize_kvcache.py --quick
   compute-sanitizer --tool synccheck --kernel-name kns=decode_ \
       python scripts/sanitize_kvcache.py --quick
 
 (`STEPS=sanitize scripts/gpu_run.sh` runs the first three.) The kernel-name
-filter keeps the slow tools on our decode and combine kernels.
+filter keeps the slow tools on our decode and combine kernels, except
+initcheck: a kernel it does not check does not mark what it writes as
+initialized (XLA's rotary output, read by our kernels, would be reported).
 
 Every case feeds the kernels tables no caller should send: lengths past the
 capacity and negative, block_table entries and cache_batch_idx out of range

@@ -16,9 +16,9 @@ split scratch out_accum/lse_accum is sized by `_C.kvcache_plan` (plan.py).
 Which backend serves kv-cache calls on GPUs: the environment variable
 JAX_FLASH_KVCACHE_KERNELS="1" selects these kernels, "0" the plain-JAX
 reference, and unset means DEFAULT. DEFAULT is off: the kernels pass the
-GPU tests and compute-sanitizer's memcheck and racecheck, and one initcheck
-report (an uninitialized 16-byte read, notes/kernel_experiments.md entry
-36) is not explained yet.
+GPU tests and compute-sanitizer's memcheck and racecheck; one initcheck
+report (an uninitialized 16-byte read, likely the tool's kernel filter:
+notes/kernel_experiments.md entry 36) awaits an unfiltered run.
 """
 
 from __future__ import annotations
