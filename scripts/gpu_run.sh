@@ -21,6 +21,8 @@
 #   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
 #              backward main kernels of one training step (BREAKDOWN shapes);
 #              build with JAX_FLASH_LINEINFO=ON for source-level views
+#   ncudecode  ncu sections (throughput, memory) and DRAM bytes of one decode
+#              call, ours and cuDNN's (DECODE_SHAPES: "batch,context ...")
 #   keep       copies the built extension to $OUT, to reuse in a later run
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -109,6 +111,21 @@ for step in ${STEPS:-}; do
           --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
           python3 "$repo/scripts/kernel_breakdown.py" run ${shape//,/ } > "$log" 2>&1 || rc=1
         echo "-- ncu $shape -> $log"
+      done ;;
+    ncudecode)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
+      if [ ! -x "$ncu" ]; then echo "ncudecode: ncu not found"; rc=1; continue; fi
+      for shape in ${DECODE_SHAPES:-32,32768 8,32768 1,131072}; do
+        for impl in jax_flash cudnn; do
+          log="$OUT/ncu_decode_${impl}_${shape//,/_}.txt"
+          "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight \
+            --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+            --metrics dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
+            python3 "$repo/scripts/decode_profile.py" --impl $impl --batch ${shape%,*} \
+            --context ${shape#*,} > "$log" 2>&1 || rc=1
+          echo "-- $impl $shape: $(grep -o 'kv_bytes=[0-9]*' "$log")"
+          grep -E "^  [a-z_]+.*\(|dram__bytes_read.sum|Duration|DRAM Throughput|lts__t_sector_hit" "$log" | head -12
+        done
       done ;;
     keep) cp "$(python3 -c 'import jax_flash._C as c; print(c.__file__)')" "$OUT/" ;;
   esac
