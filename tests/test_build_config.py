@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
     shutil.which("cmake") is None or shutil.which("ninja") is None
     or shutil.which("c++") is None,
-    reason="needs cmake, ninja and a C++ compiler (pip install '.[test]' brings the first two)")
+    reason="needs cmake, ninja and a C++ compiler (pip install -r tests/requirements.txt brings the first two)")
 
 
 def _configure(tmp_path, *defines, gpu_caps=None, env=None):

@@ -36,6 +36,19 @@ def run(script, *args):
     return res.stdout
 
 
+def test_quickstart_says_which_path_ran_and_compares():
+    out = run("examples/quickstart.py")
+    info = jax_flash.info()
+    first = out.splitlines()[0]
+    assert first.startswith(f"path: {info['path']}"), (first, info["path"])
+    if info["path"] != "cuda kernels":
+        assert "no kernel runs here" in out or info["why"] in first, out
+    errs = [float(e) for e in re.findall(r"max \|out - reference\| = ([\d.e+-]+)", out)]
+    assert len(errs) == 2 and all(e < 2e-2 for e in errs), out
+    assert "vs jax_flash.reference.attention_ref" in out
+    assert "vs jax_flash.reference.attention_varlen_ref" in out
+
+
 def test_train_gpt_tiny_loss_falls(tmp_path):
     out = run("examples/train_gpt.py", "--tiny", "--steps", "40", "--log-every", "10",
               "--eval-every", "40", "--out-dir", str(tmp_path), "--save")
