@@ -36,6 +36,7 @@ jax.nn's top-left alignment when a segment has as many queries as keys.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax
@@ -79,6 +80,22 @@ def _check(t, shape, dtype, name):
     for i in range(t.ndim):
         if shape[i] != -1 and t.shape[i] != shape[i]:
             raise ValueError(f"{name} shape should be {shape}: but got {t.shape}")
+
+
+# Option names of jax_flash's functions -> this function's names, for the
+# messages of the shared validation (it names the options it checks).
+_OUR_NAMES = {"softmax_scale": "scale", "softcap": "logits_soft_cap",
+              "dropout_p": "dropout_rate", "dropout_key": "dropout_rng"}
+_OUR_NAMES_RE = re.compile(r"\b(" + "|".join(_OUR_NAMES) + r")\b")
+
+
+def _bind(xs, **options):
+    """`bind` whose errors speak of this function's arguments."""
+    try:
+        return bind(xs, **options)
+    except (TypeError, ValueError) as e:
+        message = _OUR_NAMES_RE.sub(lambda m: _OUR_NAMES[m.group(1)], str(e))
+        raise type(e)(message) from None
 
 
 def _bound(x, limit):
@@ -284,7 +301,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
             [x, jnp.zeros((x.shape[0], n) + x.shape[2:], x.dtype)], axis=1)
 
     xs = (pad(q4, pq), pad(k4, pk), pad(v4, pk))
-    spec, operands = bind(
+    spec, operands = _bind(
         xs, layout="fixed", packing="", dropout_p=dropout_rate or 0.0, softmax_scale=scale,
         causal=False, window_size=win, softcap=logits_soft_cap or 0.0, alibi_slopes=None,
         deterministic=False, return_attn_probs=False, dropout_key=dropout_rng,

@@ -6,6 +6,7 @@ FlashAttention rule: |ours - ref32| <= 2 x |jax.nn bf16 - ref32| + 1e-3
 """
 
 import itertools
+import re
 import warnings
 import zlib
 
@@ -247,13 +248,20 @@ def test_ours_extras_match_flash_attn_func():
     ((2, 6, 7, 2, 2, 16), {"mask": jnp.ones((1, 1, 6, 7), jnp.int32)}, ValueError, "mask"),
     ((2, 6, 7, 2, 2, 16), {"bias": jnp.ones((6, 7, 1, 1, 1))}, ValueError, "bias"),
     ((2, 6, 7, 2, 2, 16), {"local_window_size": "wide"}, TypeError, "local_window_size"),
-    ((2, 6, 7, 2, 2, 16), {"dropout_rate": 0.2}, ValueError, "dropout"),
-    ((2, 6, 7, 2, 2, 16), {"logits_soft_cap": -1.0}, ValueError, "softcap"),
+    # Options checked by jax_flash's shared validation, named as here.
+    ((2, 6, 7, 2, 2, 16), {"dropout_rate": 0.2}, ValueError,
+     r"^dropout_rng: expected a JAX PRNG key .* \(dropout_rate=0.2\)"),
+    ((2, 6, 7, 2, 2, 16), {"dropout_rate": "0.5"}, TypeError, r"^dropout_rate\b"),
+    ((2, 6, 7, 2, 2, 16), {"logits_soft_cap": -1.0}, ValueError, r"^logits_soft_cap must be"),
+    ((2, 6, 7, 2, 2, 16), {"scale": -1.0}, ValueError, r"^scale must be a finite number > 0"),
+    ((2, 6, 7, 2, 2, 16), {"scale": 1e39}, ValueError, r"^scale must be .* float32"),
 ])
 def test_errors(args, kw, exc, match):
     q, k, v = _qkv(*args)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as err:
         jax_flash.attention(q, k, v, **kw)
+    for internal in ("softmax_scale", "softcap", "dropout_p", "dropout_key"):
+        assert not re.search(rf"\b{internal}\b", str(err.value)), str(err.value)
 
 
 def test_shape_and_dtype_errors():
