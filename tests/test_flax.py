@@ -443,6 +443,44 @@ def test_attention_fn_in_nnx_mha(K, is_causal):
            atol=3e-2)
 
 
+def _nnx_with_our_weights(model, dtype, attention_fn):
+    """nnx.MultiHeadAttention holding `model`'s projections (query, key and
+    value heads split out of its fused qkv kernel)."""
+    H, K, D = model.num_heads, model.num_kv_heads, model.head_dim
+    theirs = nnx.MultiHeadAttention(H, F, qkv_features=H * D, num_kv_heads=K, decode=False,
+                                    dtype=dtype, attention_fn=attention_fn, rngs=nnx.Rngs(0))
+    kernel, bias = model.qkv.kernel[...], model.qkv.bias[...]
+    for name, heads in (("query", slice(0, H)), ("key", slice(H, H + K)),
+                        ("value", slice(H + K, H + 2 * K))):
+        getattr(theirs, name).kernel[...] = kernel[:, heads]
+        getattr(theirs, name).bias[...] = bias[heads]
+    theirs.out.kernel[...] = model.out.kernel[...]
+    theirs.out.bias[...] = model.out.bias[...]
+    return theirs
+
+
+@pytest.mark.parametrize("heads", [MHA, GQA])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mha_equals_nnx_mha_with_our_attention_fn(heads, causal):
+    # Where the two modules overlap (no rotary, window, softcap or cache), ours
+    # is nnx.MultiHeadAttention with attention_fn swapped: same weights, same
+    # output, by the FlashAttention rule against nnx's own float32 module.
+    H, K = heads
+    model = _model(H, K, D=16, causal=causal)
+    x = _rand(21, (B, 13, F))
+    ours = _call(model, x)
+    swapped = _jcall(_nnx_with_our_weights(model, jnp.bfloat16, jf_flax.attention_fn), x,
+                     is_causal=causal)
+    low = _jcall(_nnx_with_our_weights(model, jnp.bfloat16, nnx.dot_product_attention), x,
+                 is_causal=causal)
+    ref = _jcall(_nnx_with_our_weights(model, jnp.float32, nnx.dot_product_attention), x,
+                 is_causal=causal)
+    _check(ours, low, ref, what="ours vs nnx float32")
+    _check(swapped, low, ref, what="nnx with attention_fn vs nnx float32")
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(swapped, np.float32),
+                               atol=3e-2)
+
+
 @pytest.mark.parametrize("which", ["causal", "padding"])
 def test_attention_fn_mask_goes_to_xla(which, monkeypatch):
     ours, theirs = _nnx_pair()
