@@ -1,7 +1,8 @@
-"""The examples and the training-step benchmark run end to end: each as a
-subprocess (as a user runs it), with small settings, judged by its exit code
-and the lines it prints. On a CPU the attention is the plain-JAX reference;
-most of the time is XLA compiling (about a minute for the file on 2 cores)."""
+"""The examples and the benchmarks' smoke runs (training step, ring, sharded
+step) run end to end: each as a subprocess (as a user runs it), with small
+settings, judged by its exit code and the lines or JSON it writes. On a CPU
+the attention is the plain-JAX reference; most of the time is XLA compiling
+(about two minutes for the file on 2 cores)."""
 
 import json
 import os
@@ -92,3 +93,34 @@ def test_bench_train_step_smoke(tmp_path):
     if jax.default_backend() != "gpu":
         assert rows["cudnn"]["skipped"] and "cuDNN" in rows["cudnn"]["error"], rows["cudnn"]
     assert path.with_suffix(".md").read_text().startswith("Training step"), out
+
+
+def _smoke_json(script, tmp_path, stem):
+    if jax.default_backend() != "cpu":
+        pytest.skip("the smoke run makes 8 CPU host devices")
+    out = run(script, "--smoke", "--out", str(tmp_path))
+    (path,) = tmp_path.glob(f"*_{stem}_smoke.json")
+    return json.loads(path.read_text()), out
+
+
+def test_bench_ring_smoke(tmp_path):
+    result, out = _smoke_json("benchmarks/bench_ring.py", tmp_path, "ring")
+    assert result["check"]["pass"], result["check"]  # every variant by the FA rule
+    rows = [r for r in result["rows"] if r["n"] == 8]
+    assert {r["impl"] for r in rows} == {"ring", "allgather", "allgather_varlen"}, out
+    for r in rows:
+        kinds = set(r["collectives"])
+        if r["impl"] == "ring":  # K/V travel by permutes only: nothing is gathered
+            assert kinds == {"collective-permute"}, r
+        else:
+            assert "all-gather" in kinds and "collective-permute" not in kinds, r
+        assert r["temp_bytes_per_device"] > 0, r
+
+
+def test_bench_sharded_step_smoke(tmp_path):
+    result, out = _smoke_json("benchmarks/bench_sharded_step.py", tmp_path, "sharded_step")
+    rows = result["rows"]
+    assert {r["split"] for r in rows} == {"batch", "heads"}, out
+    assert max(r["devices"] for r in rows) == 8, out
+    for r in rows:  # the partitioning rules: no collective for either split
+        assert r["collectives"] == [] and r["ms"] > 0, r
