@@ -400,6 +400,21 @@ def test_window_skips_steps():
     assert both == ["collective-permute"] * 4, both
 
 
+def test_contiguous_causal_steps_are_conditional():
+    # Contiguous + causal: each of the n - 1 steps with another device's keys
+    # is a lax.cond (device i skips keys from a device after it); without
+    # causal masking, and on zigzag (equal work every step), none is.
+    def conds(**kw):
+        mesh = make_mesh((4,), ("sp",))
+        q, k, v, _ = inputs(0, 1, 32, (4, 2))
+        jaxpr = str(jax.make_jaxpr(ring_fn(mesh, "sp", P(None, "sp"), **kw))(q, k, v))
+        return len(re.findall(r"\bcond\[", jaxpr))
+
+    assert conds(layout="contiguous", causal=True) == 3
+    assert conds(layout="contiguous", causal=False) == 0
+    assert conds(layout="zigzag", causal=False) == 0
+
+
 def test_allgather_compiles_to_gather_and_reduce_scatter():
     n = 4
     mesh = make_mesh((n,), ("sp",))
