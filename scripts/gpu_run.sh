@@ -11,6 +11,8 @@
 #   benchmods  bench_modifiers.py (BENCH_MODS_ARGS)
 #   benchvarlen  bench_varlen.py (BENCH_VARLEN_ARGS)
 #   benchdecode  bench_decode.py (BENCH_DECODE_ARGS): kv-cache decode
+#   benchtrain bench_train_step.py (BENCH_TRAIN_ARGS): a GPT training step
+#              with jax_flash, cuDNN and XLA attention
 #   benchvariants  bench_variants.py (BENCH_VARIANTS_ARGS): every call on every
 #              kernel variant that covers it (what a smaller build costs)
 #   sanitize   compute-sanitizer memcheck, racecheck and initcheck, one after
@@ -69,6 +71,9 @@ for step in ${STEPS:-}; do
     benchdecode) python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" ${BENCH_DECODE_ARGS:-} 2>&1 |
                    tee "$OUT/bench_decode.log" | tail -60
                  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    benchtrain) python3 "$repo/benchmarks/bench_train_step.py" --out "$OUT" ${BENCH_TRAIN_ARGS:-} 2>&1 |
+                  tee "$OUT/bench_train.log" | tail -20
+                [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     benchvariants) python3 "$repo/benchmarks/bench_variants.py" --out "$OUT" ${BENCH_VARIANTS_ARGS:-} 2>&1 |
                      tee "$OUT/bench_variants.log" | tail -40
                    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
