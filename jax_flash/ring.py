@@ -163,36 +163,47 @@ def _setup(cfg: _Config, q):
     return cfg.axis_name, gather, n, jax.lax.axis_index(cfg.axis_name), steps
 
 
+def _blocks(steps, kv, gathered, axis_name, n, i):
+    """(j, block j's (k, v, ids)) for the relevant steps j. On the ring, the
+    transfer of the next step's block is issued (traced) before the caller
+    computes on this one, so that it can run under that compute."""
+    relevant = list(steps.relevant)
+    if gathered is not None:
+        for j in relevant:
+            yield j, (_take(gathered, (i - j) % n) if j else kv)
+        return
+    held = 0
+    for index, j in enumerate(relevant):
+        if j != held:  # only before the first step (a ring that skips its own block)
+            kv, held = _shift(kv, axis_name, n, j - held), j
+        ahead = relevant[index + 1] if index + 1 < len(relevant) else None
+        nxt = None if ahead is None else _shift(kv, axis_name, n, ahead - j)
+        yield j, kv
+        if nxt is not None:
+            kv, held = nxt, ahead
+
+
 def _ring_forward(cfg, q, k, v, q_ids, kv_ids):
     axis_name, gather, n, i, steps = _setup(cfg, q)
-    own = kv = (k, v, kv_ids)
+    own = (k, v, kv_ids)
     gathered = _gather(own, axis_name) if gather else None
-    acc, held = None, 0
-    for j in steps.relevant:
-        if j and gathered is not None:
-            kv = _take(gathered, (i - j) % n)
-        elif j != held:  # issued before this step's compute
-            kv, held = _shift(kv, axis_name, n, j - held), j
-        k_j, v_j, ids_j = kv
+    acc = None
+    for j, (k_j, v_j, ids_j) in _blocks(steps, own, gathered, axis_name, n, i):
         acc = merge(acc, steps.forward(j, i, q, k_j, v_j, q_ids, ids_j))
     return acc
 
 
 def _ring_backward(cfg, q, k, v, q_ids, kv_ids, out, lse, d_out):
     axis_name, gather, n, i, steps = _setup(cfg, q)
-    own = kv = (k, v, kv_ids)
+    own = (k, v, kv_ids)
     gathered = _gather(own, axis_name) if gather else None
     dq = filled(0.0, q.shape, q, k, v)
     dkv = None  # dK/dV of the block held: they travel with it (ring)
     sums = None  # dK/dV of every device's block (allgather), summed by a reduce-scatter
-    held = 0
-    for j in steps.relevant:
-        if j and gathered is not None:
-            kv = _take(gathered, (i - j) % n)
-        elif j != held:
-            kv, dkv, held = _shift(kv, axis_name, n, j - held), _shift(dkv, axis_name, n,
-                                                                        j - held), j
-        k_j, v_j, ids_j = kv
+    held = 0  # the step whose block dkv belongs to
+    for j, (k_j, v_j, ids_j) in _blocks(steps, own, gathered, axis_name, n, i):
+        if gathered is None and j != held:  # dK/dV follow their block, after its compute
+            dkv, held = _shift(dkv, axis_name, n, j - held), j
         dq_j, dk_j, dv_j = steps.backward(j, i, q, k_j, v_j, q_ids, ids_j, out, lse, d_out)
         dq = dq + dq_j
         if gathered is None:

@@ -415,6 +415,50 @@ def test_contiguous_causal_steps_are_conditional():
     assert conds(layout="zigzag", causal=False) == 0
 
 
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(x, "jaxpr", x)  # ClosedJaxpr -> Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _computes(eqn):
+    """Whether eqn is or holds a matmul or a kernel call."""
+    return eqn.primitive.name in ("dot_general", "ffi_call") or any(
+        _computes(e) for jaxpr in _sub_jaxprs(eqn) for e in jaxpr.eqns)
+
+
+def test_next_block_is_sent_before_this_blocks_compute():
+    # Program order in the forward's shard_map body (n = 4, no mask: every
+    # step computes): the permutes of block j + 1 (k and v) come before block
+    # j's compute, so the transfer can run under it.
+    mesh = make_mesh((4,), ("sp",))
+    q, k, v, _ = inputs(0, 1, 32, (4, 2))
+    fn = ring_fn(mesh, "sp", P(None, "sp"), layout="contiguous", causal=False)
+    closed = jax.make_jaxpr(fn)(q, k, v)
+    (body,) = [jaxpr for e in closed.jaxpr.eqns if e.primitive.name == "shard_map"
+               for jaxpr in _sub_jaxprs(e)]
+
+    def flatten(jaxpr):  # the ring's own order, through the custom_vjp wrapper
+        for e in jaxpr.eqns:
+            if e.primitive.name.startswith("custom_vjp"):
+                for inner in _sub_jaxprs(e):
+                    yield from flatten(inner)
+                    break
+            else:
+                yield e
+
+    order = ["send" if e.primitive.name == "ppermute" else "compute"
+             for e in flatten(body) if e.primitive.name == "ppermute" or _computes(e)]
+    assert order.count("send") == 2 * 3, order  # k and v, three steps
+    # Sends traced before each compute: 2 before block 0's (block 1's k and
+    # v), 4 before block 1's, 6 before blocks 2 and 3's. Sending each block
+    # just before its own compute would give 0, 2, 4, 6.
+    sends_before = {order[:idx].count("send") for idx, o in enumerate(order) if o == "compute"}
+    assert sorted(sends_before) == [2, 4, 6], order
+
+
 def test_allgather_compiles_to_gather_and_reduce_scatter():
     n = 4
     mesh = make_mesh((n,), ("sp",))
