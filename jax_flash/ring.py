@@ -4,8 +4,8 @@ split across the devices of one mesh axis.
 Call `ring_attention` inside `jax.shard_map` with q/k/v sharded along the
 sequence over `axis_name` (n devices). K/V blocks travel round the ring with
 `ppermute`, the next block's transfer issued before the current block's
-compute so the two can overlap; partial outputs merge through their LSE. The backward pass
-is its own ring: dK/dV accumulate in float32 and travel with their blocks,
+compute so the two can overlap; partial outputs merge through their LSE.
+The backward pass is its own ring: dK/dV accumulate in float32 and travel with their blocks,
 dQ stays home; it reuses the forward's output and LSE (nothing recomputed
 but the per-block scores, as in any FlashAttention backward).
 

@@ -41,6 +41,8 @@ fi
 JAX_FLASH_CUDA_ARCHS=${JAX_FLASH_CUDA_ARCHS:-90} "$repo/scripts/gpu_check.sh" build || exit 1
 cd /tmp
 rc=0
+# A profiler or sanitizer on PATH, else the newest install under $2's glob.
+find_tool() { command -v "$1" || ls $2 2>/dev/null | sort -V | tail -1; }
 pytest_files() {
   XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -n ${PYTEST_WORKERS:-16} "$@" \
     ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_$step.log" | tail -40
@@ -78,7 +80,7 @@ for step in ${STEPS:-}; do
                      tee "$OUT/bench_variants.log" | tail -40
                    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     sanitize)
-      cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | sort -V | tail -1)
+      cs=$(find_tool compute-sanitizer "/usr/local/cuda*/bin/compute-sanitizer")
       if [ ! -x "$cs" ]; then echo "sanitize: compute-sanitizer not found"; rc=1; continue; fi
       for tool in memcheck racecheck initcheck; do
         # racecheck only on our decode kernels (slow, and XLA's kernels are
@@ -96,7 +98,7 @@ for step in ${STEPS:-}; do
         echo "-- $tool: $(tail -1 "$OUT/sanitize_$tool.log")"
       done ;;
     breakdown)
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
+      ncu=$(find_tool ncu "/opt/nvidia/nsight-compute/*/ncu")
       if [ ! -x "$ncu" ]; then echo "breakdown: ncu not found"; rc=1; continue; fi
       for shape in ${BREAKDOWN:-8,2048,16,128 1,16384,16,128}; do
         log="$OUT/breakdown_${shape//,/_}.csv"
@@ -106,7 +108,7 @@ for step in ${STEPS:-}; do
         python3 "$repo/scripts/kernel_breakdown.py" table "$log" || { tail -5 "$log"; rc=1; }
       done ;;
     ncu)
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
+      ncu=$(find_tool ncu "/opt/nvidia/nsight-compute/*/ncu")
       if [ ! -x "$ncu" ]; then echo "ncu: ncu not found"; rc=1; continue; fi
       for shape in ${BREAKDOWN:-8,2048,16,128}; do
         log="$OUT/ncu_${shape//,/_}.txt"
@@ -118,7 +120,7 @@ for step in ${STEPS:-}; do
         echo "-- ncu $shape -> $log"
       done ;;
     ncudecode)
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
+      ncu=$(find_tool ncu "/opt/nvidia/nsight-compute/*/ncu")
       if [ ! -x "$ncu" ]; then echo "ncudecode: ncu not found"; rc=1; continue; fi
       for shape in ${DECODE_SHAPES:-32,32768 8,32768 1,131072}; do
         for impl in jax_flash cudnn; do
