@@ -239,7 +239,11 @@ def _ring_bwd(cfg, residuals, d_out):
     dq, dk, dv = _ring_backward(cfg, q, k, v, q_ids, kv_ids, out, lse, d_out.astype(q.dtype))
     zero_ids = (None, None) if q_ids is None else tuple(
         jnp.zeros(x.shape, jax.dtypes.float0) for x in (q_ids, kv_ids))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *zero_ids)
+    # Each gradient varies over the shard_map axes its primal does (a kernel
+    # call's outputs carry no varying axes: with one device on the ring no
+    # collective adds them); zeros_like keeps an array's varying axes.
+    dq, dk, dv = (g.astype(x.dtype) + jnp.zeros_like(x) for g, x in ((dq, q), (dk, k), (dv, v)))
+    return (dq, dk, dv, *zero_ids)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
