@@ -32,10 +32,10 @@ def flash_attn_with_kvcache(
     """Attention of q against a KV cache, optionally appending new keys/values
     (decoding), FlashAttention-2's `flash_attn_with_kvcache`.
 
-    On GPUs the environment variable JAX_FLASH_KVCACHE_KERNELS=1 runs our
-    split-KV / paged decode kernels (float32 accumulation, P rounded to q's
-    dtype like the attention kernels); otherwise, and always on CPUs, the
-    plain-JAX reference runs (`jax_flash.reference.kvcache_attention_ref`'s
+    On GPUs our split-KV / paged decode kernels run (float32 accumulation,
+    P rounded to q's dtype like the attention kernels); the environment
+    variable JAX_FLASH_KVCACHE_KERNELS=0 selects the plain-JAX reference
+    there instead, which always runs on CPUs (`jax_flash.reference.kvcache_attention_ref`'s
     computation, float32 math). Works under `jax.jit` (cache_seqlens and
     the other integer arrays may be traced) and `jax.vmap`. Functional: the
     updated caches are returned; under `jax.jit` with the caches donated

@@ -15,10 +15,9 @@ split scratch out_accum/lse_accum is sized by `_C.kvcache_plan` (plan.py).
 
 Which backend serves kv-cache calls on GPUs: the environment variable
 JAX_FLASH_KVCACHE_KERNELS="1" selects these kernels, "0" the plain-JAX
-reference, and unset means DEFAULT. DEFAULT is off: the kernels pass the
-GPU tests and compute-sanitizer's memcheck and racecheck; one initcheck
-report (an uninitialized 16-byte read, likely the tool's kernel filter:
-notes/kernel_experiments.md entry 36) awaits an unfiltered run.
+reference, and unset means DEFAULT, on: the kernels pass the GPU tests and
+compute-sanitizer's memcheck, racecheck and initcheck on adversarial tables
+(notes/kernel_experiments.md, entries 36 and 37).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from jax_flash._src import plan as plan_lib
 from jax_flash._src.kvcache import KVCacheOperands, KVCacheSpec
 
 ENV_VAR = "JAX_FLASH_KVCACHE_KERNELS"
-DEFAULT = False  # whether the kernels serve kv-cache calls with ENV_VAR unset
+DEFAULT = True  # whether the kernels serve kv-cache calls with ENV_VAR unset
 
 
 def enabled() -> bool:
