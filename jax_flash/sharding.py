@@ -26,9 +26,14 @@ Inside `jax.shard_map` (every mesh axis manual) the call is local: each
 shard passes its own arrays (its own varlen buffer and `cu_seqlens`, its own
 cache and block table) and gets what a call on those arrays alone gives.
 
-`vmap` over a call folds the mapped axis into the batch (the kernels'
-batch) where every mapped input has one; otherwise (varlen, kv-cache) it
-runs the call once per mapped element.
+`vmap` over a call whose mapped inputs all lead with the batch gives the
+partitioned call the mapped axis as a factor of its own, ahead of the
+batch: the partitioner keeps the sharding of either axis, and each shard
+folds its part of the mapped axis into its batch (the kernels' batch), so
+a vmapped call with its mapped or batch axis sharded compiles to one call
+per device with no collective. A vmap of that merges its axis into the
+mapped one. Otherwise (varlen, kv-cache) the call runs once per mapped
+element.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ __all__ = ["call"]
 # Factor names: batch, query heads, K/V heads (MHA: the query heads' factor
 # too). Every other factor of a signature is replicated (gathered when an
 # input arrives sharded along it).
-_BATCH, _HEADS, _KV_HEADS = "b", "h", "g"
-_SHARDABLE = (_BATCH, _HEADS, _KV_HEADS)
+# A vmapped call gets the mapped axis as a factor of its own ahead of the
+# batch, folded into the batch on each shard.
+_BATCH, _HEADS, _KV_HEADS, _MAPPED = "b", "h", "g", "v"
+_SHARDABLE = (_BATCH, _HEADS, _KV_HEADS, _MAPPED)
 
 Factors = tuple[str, ...]  # one factor name per dim of an array
 
@@ -165,11 +172,23 @@ class _Shard:
     # K/V heads per shard when every shard holds all K/V heads and slices
     # those of its query heads (0: no slicing).
     kv_slice: int = 0
+    mapped: tuple[str, ...] = ()  # a vmapped call's mapped axis
 
 
-def _choose(sig: Signature, spec, mesh, shardings) -> _Shard:
+def _choose(sig: Signature, spec, mesh, shardings, mapped_size: int = 0) -> _Shard:
     """The batch/head split from the shardings the partitioner proposes,
-    kept where it is consistent and divides the sizes; the rest replicated."""
+    kept where it is consistent and divides the sizes; the rest replicated.
+    mapped_size: a vmapped call's mapped axis (factor _MAPPED)."""
+    shard = _choose_batch_heads(sig, spec, mesh, shardings)
+    mapped = _found(sig, shardings).get(_MAPPED, ())
+    used = set(shard.batch) | set(shard.heads) | set(shard.kv_heads)
+    if not mapped or set(mapped) & used or mapped_size % _size(mesh, mapped):
+        return shard
+    return dataclasses.replace(shard, mapped=mapped)
+
+
+def _found(sig: Signature, shardings) -> dict:
+    """Factor -> the mesh axes its first sharded occurrence proposes."""
     found = {}
     for fs, sharding in zip(sig.ins, shardings):
         if not isinstance(sharding, NamedSharding):
@@ -177,6 +196,11 @@ def _choose(sig: Signature, spec, mesh, shardings) -> _Shard:
         entries = tuple(sharding.spec) + (None,) * (len(fs) - len(sharding.spec))
         for f, entry in zip(fs, entries):
             found.setdefault(f, _axes(entry))
+    return found
+
+
+def _choose_batch_heads(sig: Signature, spec, mesh, shardings) -> _Shard:
+    found = _found(sig, shardings)
     batch = found.get(_BATCH, ())
     if not batch or spec.batch % _size(mesh, batch):
         batch = ()
@@ -202,7 +226,8 @@ def _choose(sig: Signature, spec, mesh, shardings) -> _Shard:
 def _spec_of(shard: _Shard, factors: Factors) -> PartitionSpec:
     entries = []
     for f in factors:
-        axes = {_BATCH: shard.batch, _HEADS: shard.heads, _KV_HEADS: shard.kv_heads}.get(f, ())
+        axes = {_BATCH: shard.batch, _HEADS: shard.heads, _KV_HEADS: shard.kv_heads,
+                _MAPPED: shard.mapped}.get(f, ())
         entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*entries)
 
@@ -256,14 +281,21 @@ def _partitioned(fn: Callable, spec, sig: Signature, treedef):
         return (tuple(NamedSharding(mesh, _spec_of(shard, fs)) for fs in sig.outs),
                 tuple(NamedSharding(mesh, _spec_of(shard, fs)) for fs in sig.ins))
 
+    # A vmapped call's mapped axis: the leading dim of its first such input.
+    mapped_at = next((i for i, fs in enumerate(sig.ins) if fs[:1] == (_MAPPED,)), None)
+
+    def choose(mesh, arg_shapes):
+        size = 0 if mapped_at is None else arg_shapes[mapped_at].shape[0]
+        return _choose(sig, spec, mesh, [a.sharding for a in arg_shapes], size)
+
     def partition(mesh, arg_shapes, result_shape):
-        shard = _choose(sig, spec, mesh, [a.sharding for a in arg_shapes])
+        shard = choose(mesh, arg_shapes)
         local = _local_spec(spec, mesh, shard)
         outs, ins = shardings(mesh, shard)
         return mesh, lambda *leaves: _run_shard(fn, sig, shard, local, spec.nheads_k, treedef, leaves), outs, ins
 
     def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, _choose(sig, spec, mesh, [a.sharding for a in arg_shapes]))[0]
+        return shardings(mesh, choose(mesh, arg_shapes))[0]
 
     text, kwargs = sig.rule()
     op.def_partition(partition=partition, infer_sharding_from_operands=infer,
@@ -329,13 +361,19 @@ def _vmappable(fn: Callable, spec, sig: Signature, treedef):
     def run(*leaves):
         return tuple(op(*leaves))
 
+    # The axis a new mapped axis folds into: the batch, or the mapped axis
+    # of a call that is already vmapped.
+    lead = _MAPPED if any(fs[:1] == (_MAPPED,) for fs in sig.ins) else _BATCH
+
     @run.def_vmap
     def rule(axis_size, in_batched, *leaves):
         folds = (hasattr(spec, "layout") and spec.layout == "fixed"
-                 and all(fs[0] == _BATCH for fs in sig.outs)
-                 and all(fs[:1] == (_BATCH,) for fs, batched in zip(sig.ins, in_batched)
+                 and all(fs[0] == lead for fs in sig.outs)
+                 and all(fs[:1] == (lead,) for fs, batched in zip(sig.ins, in_batched)
                          if batched))
-        if folds:
+        if folds and lead == _MAPPED:
+            outs = _merged(fn, spec, sig, treedef, axis_size, in_batched, leaves)
+        elif folds:
             outs = _folded(fn, spec, sig, treedef, axis_size, in_batched, leaves)
         else:
             outs = _per_element(fn, spec, sig, treedef, in_batched, leaves)
@@ -345,17 +383,52 @@ def _vmappable(fn: Callable, spec, sig: Signature, treedef):
 
 
 def _folded(fn, spec, sig, treedef, n, in_batched, leaves):
-    """The mapped axis folded into the batch: one call of batch n * batch."""
-    folded = []
+    """One call for the whole mapped axis: the batch-led arrays get the
+    mapped axis as a factor of its own (_MAPPED, ahead of the batch), so
+    the partitioner can keep either axis's sharding, and each shard folds
+    its part of the mapped axis into its batch (`_fold_mapped`)."""
+    mapped = []
     for x, fs, batched in zip(leaves, sig.ins, in_batched):
-        if fs[:1] == (_BATCH,):
+        if fs[:1] == (_BATCH,) and not batched:
+            x = jnp.broadcast_to(x, (n, *x.shape))
+        mapped.append(x)
+    lead = lambda fs: (_MAPPED, *fs) if fs[:1] == (_BATCH,) else fs
+    sig_mapped = dataclasses.replace(sig, ins=tuple(map(lead, sig.ins)),
+                                     outs=tuple(map(lead, sig.outs)))
+    return list(_vmappable(_mapped_fn(fn, sig), spec, sig_mapped, treedef)(*mapped))
+
+
+@functools.lru_cache(maxsize=4096)
+def _mapped_fn(fn: Callable, sig: Signature) -> Callable:
+    """`_fold_mapped` for fn, one object per (fn, sig) so the caches of
+    `_vmappable` and `_partitioned` keep hitting."""
+    return functools.partial(_fold_mapped, fn, sig)
+
+
+def _merged(fn, spec, sig, treedef, n, in_batched, leaves):
+    """vmap of a vmapped call: the new axis merged into the mapped one
+    (major), one call."""
+    merged = []
+    for x, fs, batched in zip(leaves, sig.ins, in_batched):
+        if fs[:1] == (_MAPPED,):
             if not batched:
                 x = jnp.broadcast_to(x, (n, *x.shape))
             x = x.reshape(n * x.shape[1], *x.shape[2:])
-        folded.append(x)
-    wide = dataclasses.replace(spec, batch=n * spec.batch)
-    outs = call(fn, wide, jax.tree.unflatten(treedef, folded), sig)
+        merged.append(x)
+    outs = _vmappable(fn, spec, sig, treedef)(*merged)
     return [y.reshape(n, y.shape[0] // n, *y.shape[1:]) for y in outs]
+
+
+def _fold_mapped(fn, sig: Signature, spec, args, head_offset):
+    """fn on one shard of a vmapped call: the mapped axis (its local part)
+    folded into the batch, and unfolded from the outputs."""
+    leaves, treedef = jax.tree.flatten(args)
+    n = next(x.shape[0] for x, fs in zip(leaves, sig.ins) if fs[:1] == (_BATCH,))
+    leaves = [x.reshape(n * x.shape[1], *x.shape[2:]) if fs[:1] == (_BATCH,) else x
+              for x, fs in zip(leaves, sig.ins)]
+    wide = dataclasses.replace(spec, batch=n * spec.batch)
+    outs = fn(wide, jax.tree.unflatten(treedef, leaves), head_offset)
+    return tuple(y.reshape(n, y.shape[0] // n, *y.shape[1:]) for y in outs)
 
 
 def _per_element(fn, spec, sig, treedef, in_batched, leaves):
