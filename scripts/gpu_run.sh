@@ -32,6 +32,8 @@ export OUT=${OUT:-/tmp/jax_flash_out}
 mkdir -p "$OUT"
 # Reference matmuls of many shapes: autotuning each would dominate the run.
 export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_autotune_level=0}
+# Logs written as they come (pytest's progress survives a cut-off run).
+export PYTHONUNBUFFERED=1
 # Kernels compiled elsewhere (scripts/build_kernel_archive.sh .kernels/sm90) are
 # linked when they match the tree; JAX_FLASH_KERNEL_ARCHIVE= (empty) compiles.
 archive=$repo/.kernels/sm90/libjax_flash_kernels.a
@@ -43,8 +45,11 @@ cd /tmp
 rc=0
 # A profiler or sanitizer on PATH, else the newest install under $2's glob.
 find_tool() { command -v "$1" || ls $2 2>/dev/null | sort -V | tail -1; }
+# PYTEST_TIMEOUT (seconds): interrupt the run then, so that pytest still
+# prints its counts of the tests that finished.
 pytest_files() {
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -n ${PYTEST_WORKERS:-16} "$@" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s INT -k 30 ${PYTEST_TIMEOUT:-0} \
+    python3 -m pytest -q -n ${PYTEST_WORKERS:-16} "$@" \
     ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_$step.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 }
