@@ -26,14 +26,15 @@ Inside `jax.shard_map` (every mesh axis manual) the call is local: each
 shard passes its own arrays (its own varlen buffer and `cu_seqlens`, its own
 cache and block table) and gets what a call on those arrays alone gives.
 
-`vmap` over a call whose mapped inputs all lead with the batch gives the
-partitioned call the mapped axis as a factor of its own, ahead of the
-batch: the partitioner keeps the sharding of either axis, and each shard
-folds its part of the mapped axis into its batch (the kernels' batch), so
-a vmapped call with its mapped or batch axis sharded compiles to one call
-per device with no collective. A vmap of that merges its axis into the
-mapped one. Otherwise (varlen, kv-cache) the call runs once per mapped
-element.
+`vmap` over a call whose mapped inputs all lead with the batch (fixed-shape
+calls; kv-cache calls whose cache rows are q's rows) gives the partitioned
+call the mapped axis as a factor of its own, ahead of the batch: the
+partitioner keeps the sharding of either axis, and each shard folds its
+part of the mapped axis into its batch (the kernels' batch), so a vmapped
+call with its mapped or batch axis sharded compiles to one call per device
+with no collective. A vmap of that merges its axis into the mapped one.
+Otherwise (varlen; kv-cache calls with cache_batch_idx, pages or mapped
+rotary tables) the call runs once per mapped element.
 """
 
 from __future__ import annotations
@@ -367,7 +368,8 @@ def _vmappable(fn: Callable, spec, sig: Signature, treedef):
 
     @run.def_vmap
     def rule(axis_size, in_batched, *leaves):
-        folds = (hasattr(spec, "layout") and spec.layout == "fixed"
+        # Fixed-shape calls, and kv-cache calls whose cache rows are q's rows.
+        folds = (getattr(spec, "layout", None) in ("fixed", "kvcache")
                  and all(fs[0] == lead for fs in sig.outs)
                  and all(fs[:1] == (lead,) for fs, batched in zip(sig.ins, in_batched)
                          if batched))
@@ -427,6 +429,8 @@ def _fold_mapped(fn, sig: Signature, spec, args, head_offset):
     leaves = [x.reshape(n * x.shape[1], *x.shape[2:]) if fs[:1] == (_BATCH,) else x
               for x, fs in zip(leaves, sig.ins)]
     wide = dataclasses.replace(spec, batch=n * spec.batch)
+    if hasattr(spec, "batch_cache"):  # a kv-cache whose rows are q's rows
+        wide = dataclasses.replace(wide, batch_cache=n * spec.batch_cache)
     outs = fn(wide, jax.tree.unflatten(treedef, leaves), head_offset)
     return tuple(y.reshape(n, y.shape[0] // n, *y.shape[1:]) for y in outs)
 

@@ -521,14 +521,23 @@ def test_jit_traced_cache_seqlens():
               causal=True)
 
 
-def test_vmap():
-    cases = [make_case(31 + i, seqlen_q=2, seqlen_new=1) for i in range(2)]
+@pytest.mark.parametrize("layout", ["aligned", "batch_idx"])
+def test_vmap(layout):
+    # Caches whose rows are q's rows fold the mapped axis into the batch (one
+    # call, no loop); with cache_batch_idx each element runs in turn.
+    cases = [make_case(31 + i, seqlen_q=2, seqlen_new=1,
+                       batch_cache=None if layout == "aligned" else BATCH + 1) for i in range(2)]
+    if layout == "batch_idx":
+        for case in cases:
+            case["cache_batch_idx"] = np.array([2, 0, 3], np.int32)[:BATCH]
     stacked = {n: jnp.stack([jnp.asarray(c[n]) for c in cases]) for n in cases[0]}
-    res = jax.vmap(lambda c: flash_attn_with_kvcache(**c, causal=True,
-                                                     return_softmax_lse=True))(stacked)
+    fn = jax.vmap(lambda c: flash_attn_with_kvcache(**c, causal=True, return_softmax_lse=True))
+    res = fn(stacked)
     for i, case in enumerate(cases):
         for x, y in zip(res, call(case, causal=True)):
             np.testing.assert_array_equal(x[i], y)
+    loops = jax.jit(fn).lower(stacked).as_text().count("stablehlo.while")
+    assert (loops == 0) == (layout == "aligned"), loops
 
 
 # ----------------------------------------------------------------------------

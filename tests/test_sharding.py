@@ -550,6 +550,19 @@ def test_kvcache_contiguous():
     assert not np.array_equal(_f32(got[2]), _f32(gqa["k_cache"]))  # appended
 
 
+def test_vmap_of_sharded_kvcache():
+    # vmap over caches whose rows are q's rows: the mapped axis sharded over
+    # "data", heads over "model"; one call per device, no collective.
+    mesh = make_mesh(*DATA_MODEL)
+    parts = [_cache(4, seed=60 + 10 * i) for i in range(2)]
+    args = [np.stack([p[n] for p in parts]) for n in CONTIGUOUS]
+    heads = P("data", None, None, "model")
+    specs = [heads] * 5 + [P("data")]
+    fn = jax.vmap(lambda q, kc, vc, k, v, lens: jax_flash.flash_attn_with_kvcache(
+        q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True))
+    check(fn, args, specs, mesh)
+
+
 def test_kvcache_fewer_kv_heads_than_shards():
     # 2 K/V heads, head axis of 4: each shard writes its own cache heads, so
     # no K/V head may live on two shards; the heads are gathered (collectives
