@@ -23,8 +23,9 @@
 #   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
 #              backward main kernels of one training step (BREAKDOWN shapes);
 #              build with JAX_FLASH_LINEINFO=ON for source-level views
-#   ncudecode  ncu sections (throughput, memory) and DRAM bytes of one decode
-#              call, ours and cuDNN's (DECODE_SHAPES: "batch,context ...")
+#   ncudecode  ncu sections (throughput, memory), DRAM bytes and the L2 sectors
+#              the SMs request (K/V bytes / 32 when each is fetched once) of one
+#              decode call, ours and cuDNN's (DECODE_SHAPES: "batch,context ...")
 #   keep       copies the built extension to $OUT, to reuse in a later run
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -132,11 +133,11 @@ for step in ${STEPS:-}; do
           log="$OUT/ncu_decode_${impl}_${shape//,/_}.txt"
           "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight \
             --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
-            --metrics dram__bytes_read.sum,lts__t_sector_hit_rate.pct \
+            --metrics dram__bytes_read.sum,lts__t_sector_hit_rate.pct,lts__t_sectors_srcunit_tex_op_read.sum \
             python3 "$repo/scripts/decode_profile.py" --impl $impl --batch ${shape%,*} \
             --context ${shape#*,} > "$log" 2>&1 || rc=1
           echo "-- $impl $shape: $(grep -o 'kv_bytes=[0-9]*' "$log")"
-          grep -E "^  [a-z_]+.*\(|dram__bytes_read.sum|Duration|DRAM Throughput|lts__t_sector_hit" "$log" | head -12
+          grep -E "^  [a-z_]+.*\(|dram__bytes_read.sum|Duration|DRAM Throughput|lts__t_sector" "$log" | head -14
         done
       done ;;
     keep) cp "$(python3 -c 'import jax_flash._C as c; print(c.__file__)')" "$OUT/" ;;
