@@ -180,8 +180,9 @@ def _choose(sig: Signature, spec, mesh, shardings, mapped_size: int = 0) -> _Sha
     """The batch/head split from the shardings the partitioner proposes,
     kept where it is consistent and divides the sizes; the rest replicated.
     mapped_size: a vmapped call's mapped axis (factor _MAPPED)."""
-    shard = _choose_batch_heads(sig, spec, mesh, shardings)
-    mapped = _found(sig, shardings).get(_MAPPED, ())
+    found = _found(sig, shardings)
+    shard = _choose_batch_heads(sig, spec, mesh, found)
+    mapped = found.get(_MAPPED, ())
     used = set(shard.batch) | set(shard.heads) | set(shard.kv_heads)
     if not mapped or set(mapped) & used or mapped_size % _size(mesh, mapped):
         return shard
@@ -200,8 +201,7 @@ def _found(sig: Signature, shardings) -> dict:
     return found
 
 
-def _choose_batch_heads(sig: Signature, spec, mesh, shardings) -> _Shard:
-    found = _found(sig, shardings)
+def _choose_batch_heads(sig: Signature, spec, mesh, found: dict) -> _Shard:
     batch = found.get(_BATCH, ())
     if not batch or spec.batch % _size(mesh, batch):
         batch = ()
@@ -389,11 +389,7 @@ def _folded(fn, spec, sig, treedef, n, in_batched, leaves):
     mapped axis as a factor of its own (_MAPPED, ahead of the batch), so
     the partitioner can keep either axis's sharding, and each shard folds
     its part of the mapped axis into its batch (`_fold_mapped`)."""
-    mapped = []
-    for x, fs, batched in zip(leaves, sig.ins, in_batched):
-        if fs[:1] == (_BATCH,) and not batched:
-            x = jnp.broadcast_to(x, (n, *x.shape))
-        mapped.append(x)
+    mapped = _broadcast_unmapped(leaves, sig, in_batched, n, _BATCH)
     lead = lambda fs: (_MAPPED, *fs) if fs[:1] == (_BATCH,) else fs
     sig_mapped = dataclasses.replace(sig, ins=tuple(map(lead, sig.ins)),
                                      outs=tuple(map(lead, sig.outs)))
@@ -407,16 +403,18 @@ def _mapped_fn(fn: Callable, sig: Signature) -> Callable:
     return functools.partial(_fold_mapped, fn, sig)
 
 
+def _broadcast_unmapped(leaves, sig, in_batched, n, factor):
+    """The leaves led by `factor` that the vmap does not map, given the
+    mapped axis (size n) by broadcasting; the others as they are."""
+    return [jnp.broadcast_to(x, (n, *x.shape)) if fs[:1] == (factor,) and not batched else x
+            for x, fs, batched in zip(leaves, sig.ins, in_batched)]
+
+
 def _merged(fn, spec, sig, treedef, n, in_batched, leaves):
     """vmap of a vmapped call: the new axis merged into the mapped one
     (major), one call."""
-    merged = []
-    for x, fs, batched in zip(leaves, sig.ins, in_batched):
-        if fs[:1] == (_MAPPED,):
-            if not batched:
-                x = jnp.broadcast_to(x, (n, *x.shape))
-            x = x.reshape(n * x.shape[1], *x.shape[2:])
-        merged.append(x)
+    merged = [x.reshape(n * x.shape[1], *x.shape[2:]) if fs[:1] == (_MAPPED,) else x
+              for x, fs in zip(_broadcast_unmapped(leaves, sig, in_batched, n, _MAPPED), sig.ins)]
     outs = _vmappable(fn, spec, sig, treedef)(*merged)
     return [y.reshape(n, y.shape[0] // n, *y.shape[1:]) for y in outs]
 
