@@ -64,7 +64,7 @@ __device__ __forceinline__ void copy_q(const DecodeParams& p, int b, int hk, int
       const int i = m / p.group, head = hk * p.group + m % p.group;
       offset = ((int64_t(b) * p.seqlen_q + i) * p.nheads + head) * p.head_dim + chunk * 8;
     }
-    cp_async_16(sQ + r * Traits::kRowBytes + chunk * 16, q + offset, valid);
+    cp_async_16(sQ + r * Traits::kRowBytes + Traits::chunk_offset(r, chunk), q + offset, valid);
   }
 }
 
@@ -99,7 +99,7 @@ __device__ __forceinline__ void copy_kv_tile(const DecodeParams& p, const Sequen
                                                : seq.cache_row(p, key);
       offset = row * p.cache_row_stride + seq.head_offset + chunk * 8;
     }
-    const int dst = r * Traits::kRowBytes + chunk * 16;
+    const int dst = r * Traits::kRowBytes + Traits::chunk_offset(r, chunk);
     cp_async_16(sK + dst, k + offset, valid);
     cp_async_16(sV + dst, v + offset, valid);
   }
@@ -137,13 +137,13 @@ struct PageRows {
 };
 
 // ---- One warp step: 16 rows x 16 keys ------------------------------------------
-// q_addr, k_addr, v_addr: this lane's ldmatrix addresses (traits.h) in the
-// warp's Q slab and at the step's first key in the stage's K and V tiles;
-// key0: the logical position of that key.
+// q_row, k_row, v_row: the shared addresses of this lane's ldmatrix rows
+// (traits.h) in the warp's Q slab and at the step's first key in the
+// stage's K and V tiles; key0: the logical position of that key.
 template <typename Traits>
 __device__ __forceinline__ void attend_step(float (&acc_o)[Traits::kDTiles][4],
-                                            OnlineSoftmax& softmax, uint32_t q_addr,
-                                            uint32_t k_addr, uint32_t v_addr, int key0,
+                                            OnlineSoftmax& softmax, uint32_t q_row,
+                                            uint32_t k_row, uint32_t v_row, int key0,
                                             const RowBounds (&rows)[2], const ScoreMods& mods,
                                             int lane) {
   using Element = typename Traits::Element;
@@ -152,8 +152,8 @@ __device__ __forceinline__ void attend_step(float (&acc_o)[Traits::kDTiles][4],
 #pragma unroll
   for (int kk = 0; kk < Traits::kKSteps; ++kk) {
     uint32_t a[4], b[4];
-    ldmatrix_x4(a, q_addr + kk * 32);
-    ldmatrix_x4(b, k_addr + kk * 32);
+    ldmatrix_x4(a, q_row + Traits::q_lane_col(lane, kk));
+    ldmatrix_x4(b, k_row + Traits::k_lane_col(lane, kk));
     mma_16816<Element>(s[0], a, b[0], b[1]);
     mma_16816<Element>(s[1], a, b[2], b[3]);
   }
@@ -175,7 +175,7 @@ __device__ __forceinline__ void attend_step(float (&acc_o)[Traits::kDTiles][4],
 #pragma unroll
   for (int dd = 0; dd < Traits::kDTiles / 2; ++dd) {
     uint32_t b[4];
-    ldmatrix_x4_trans(b, v_addr + dd * 32);
+    ldmatrix_x4_trans(b, v_row + Traits::v_lane_col(lane, dd));
     mma_16816<Element>(acc_o[2 * dd], pa, b[0], b[1]);
     mma_16816<Element>(acc_o[2 * dd + 1], pa, b[2], b[3]);
   }
@@ -270,7 +270,7 @@ __device__ __forceinline__ void write_rows(const DecodeParams& p, int b, int hk,
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeParams p) {
   constexpr int kBlockN = Traits::kBlockN, kBlockM = Traits::kBlockM, kStages = Traits::kStages;
-  extern __shared__ __align__(16) char smem[];
+  extern __shared__ __align__(128) char smem[];
 
   // ---- Tile scheduler: which split, rows, K/V head and sequence ----
   // Blocks of one split are adjacent (x = split * m_blocks + row block), so
@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
   for (int d = 0; d < Traits::kDTiles; ++d) {
     acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
   }
-  const uint32_t q_addr = s_q + slab * 16 * Traits::kRowBytes + Traits::q_lane_offset(lane);
+  const uint32_t q_row = s_q + slab * 16 * Traits::kRowBytes + Traits::q_lane_row(lane);
 
   // ---- Main loop over the split's tiles ----
   for (int n = 0; n < n_tiles; ++n) {
@@ -352,9 +352,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
     const int tile_key0 = (seq.tile_begin + n) * kBlockN;
     for (int step = 0; step < keys_per_warp / 16; ++step) {
       const int key = wn * keys_per_warp + step * 16;  // in the tile
-      attend_step<Traits>(acc_o, softmax, q_addr,
-                          s_k(stage) + key * Traits::kRowBytes + Traits::k_lane_offset(lane),
-                          s_v(stage) + key * Traits::kRowBytes + Traits::v_lane_offset(lane),
+      attend_step<Traits>(acc_o, softmax, q_row,
+                          s_k(stage) + key * Traits::kRowBytes + Traits::k_lane_row(lane),
+                          s_v(stage) + key * Traits::kRowBytes + Traits::v_lane_row(lane),
                           tile_key0 + key, rows, mods, lane);
     }
     // The buffer's last reader was the copy of iteration n - 1, before this

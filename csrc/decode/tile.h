@@ -17,25 +17,40 @@ struct DecodeTile {
 constexpr int kDecodeThreads = 128;  // four warps
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 
-// Shared-memory rows carry 8 extra elements (16 B): successive rows then
-// start 4 banks apart, so the eight 16 B rows one ldmatrix phase reads hit
-// eight different 4-bank groups (conflict-free for every compiled head dim).
-constexpr int decode_smem_row_bytes(int head_dim) { return (head_dim + 8) * 2; }
+// Shared-memory rows. cp.async fills them 16 B at a time from 32-byte
+// global sectors, and a sector whose shared destination straddles a 32-byte
+// boundary is fetched from L2 twice (padded rows of odd index did: 1.5x the
+// K/V sectors, notes/kernel_experiments.md entry 38). Head dims that are a
+// multiple of 64 keep unpadded rows (whole 128-byte units, every sector
+// aligned) with the 16-byte chunks of row r permuted by XOR with r % 8 inside
+// each unit (decode_chunk_offset), so the eight rows one ldmatrix phase reads
+// at one logical chunk hit eight different 4-bank groups. The others (32,
+// 96) pad each row by 8 elements, which puts successive rows 4 banks apart:
+// conflict-free too, with the odd rows' sectors fetched twice.
+constexpr bool decode_smem_swizzled(int head_dim) { return head_dim % 64 == 0; }
+constexpr int decode_smem_row_bytes(int head_dim) {
+  return decode_smem_swizzled(head_dim) ? head_dim * 2 : (head_dim + 8) * 2;
+}
+// Byte offset of 16-byte chunk `chunk` (8 elements) of row `row` in its
+// shared-memory row.
+constexpr int decode_chunk_offset(int head_dim, int row, int chunk) {
+  return (decode_smem_swizzled(head_dim) ? chunk ^ (row & 7) : chunk) * 16;
+}
 
 // A block streams its keys one 64-key tile per stage, and a block's speed
 // is bounded by the tiles it has in flight (stages - 1) rather than by its
 // share of the memory bandwidth, so stages are what shared memory buys.
 //
 // Wide tiles (up to 64 query rows, 32 above d=128) keep about 70 KB of K/V
-// per block (two blocks per H200 SM at d <= 128): 4 stages of 18 KB at
-// d <= 64, 2 of 35 KB at d = 128; d > 128 keeps 2 stages of 68 KB and
-// halves block_m so the block fits an A100's 163 KB.
+// per block (two blocks per H200 SM at d <= 128): 4 stages of 10-16 KB at
+// d <= 64, 2 of 26-32 KB at d = 96 and 128; d > 128 keeps 2 stages of
+// 48-64 KB and halves block_m so the block fits an A100's 163 KB.
 //
 // Narrow tiles (one 16-row MMA slab: the usual decode, a GQA group of up to
 // 16 query heads and one token) need a quarter of the Q rows, and take as
 // many stages as fit kNarrowSmemBudget (two blocks per H200 SM), 2 to 8:
-// 3 at d=128 (two tiles in flight instead of one), 5 at d=64, 2 at d=192
-// and d=256 (d=256 then needs 141 KB: one block per SM).
+// 3 at d=128 (two tiles in flight instead of one), 6 at d=64, 2 at d=192
+// and d=256 (d=256 then needs 137 KB: one block per SM).
 constexpr int kNarrowRows = 16;
 constexpr int kNarrowSmemBudget = 110 * 1024;
 constexpr int kDecodeBlockN = 64;  // keys per K/V tile

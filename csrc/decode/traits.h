@@ -28,7 +28,9 @@ struct DecodeTraits {
   // ---- Shared memory ---------------------------------------------------------
   // [Q: kBlockM rows][page rows, narrow only: 2 x kBlockN int64][stage 0:
   // K kBlockN rows, V kBlockN rows][stage 1] ..., Q/K/V rows of kRowBytes
-  // (decode/tile.h: padded for conflict-free ldmatrix).
+  // (decode/tile.h: chunks permuted, or rows padded, for conflict-free
+  // ldmatrix).
+  static constexpr bool kSwizzled = decode_smem_swizzled(kHeadDim);
   static constexpr int kRowBytes = decode_smem_row_bytes(kHeadDim);
   static constexpr int kQBytes = kBlockM * kRowBytes;
   static constexpr bool kStagePageRows = kNarrow;  // PageRows (kernel.h)
@@ -59,30 +61,56 @@ struct DecodeTraits {
   static_assert(kStages >= 2, "the main loop overlaps the next tile's copy with this one's math");
   static_assert(kMergeBytes <= kStages * kStageBytes, "the epilogue fits in the K/V stages");
   static_assert(kRowBytes % 16 == 0, "16-byte aligned rows for cp.async and ldmatrix");
+  static_assert(!kSwizzled || (kRowBytes % 128 == 0 && kQBytes % 128 == 0 &&
+                               kStagesOffset % 128 == 0 && kTileBytes % 128 == 0),
+                "permuted rows are whole 128-byte units from 128-byte aligned bases");
   static_assert(kBlockN <= kNThreads && 2 * kBlockN * 8 <= kPageRowsBytes,
                 "a thread per key of a tile stages its page row; two tiles' rows fit");
 
+  // Byte offset of 16-byte chunk `chunk` of row `row` (tile.h: rows
+  // permuted within 128-byte units where the head dim allows).
+  static __host__ __device__ __forceinline__ constexpr int chunk_offset(int row, int chunk) {
+    return decode_chunk_offset(kHeadDim, row, chunk);
+  }
+
   // ---- ldmatrix lane maps (decode/ptx.h) -----------------------------------------
-  // Byte offsets, from a 16-row (or 16-key) slab's first row, of the row this
-  // lane addresses in one x4 load; + 32 bytes per 16 columns.
+  // In one x4 load each lane addresses one 16-byte row piece: *_lane_row is
+  // the byte offset of its row from a 16-row (or 16-key) slab's first row,
+  // lane_col that of its piece (column half `half` of the 16 columns
+  // [16 * step, 16 * step + 16)). Slabs start at rows that are multiples of
+  // 8, so a lane's row is lane % 8 modulo 8, which is all the chunk
+  // permutation needs. lane_col equals chunk_offset(lane, 2 * step + half),
+  // written so that it takes four values per lane plus a multiple of 128
+  // (an immediate in unrolled loops) rather than one register per step.
+  static __host__ __device__ __forceinline__ int lane_col(int lane, int half, int step) {
+    if (!kSwizzled) return 32 * step + 16 * half;
+    const int s = lane & 7;
+    return 128 * (step >> 2) + 32 * ((step & 3) ^ (s >> 1)) + 16 * (half ^ (s & 1));
+  }
   // Q as the A operand of S = Q K^T: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15),
   // row halves first: a0..a3.
-  static __device__ __forceinline__ int q_lane_offset(int lane) {
-    const int m = lane / 8, r = lane % 8;
-    return (r + 8 * (m & 1)) * kRowBytes + 16 * (m >> 1);
+  static __host__ __device__ __forceinline__ int q_lane_row(int lane) {
+    return (lane % 8 + 8 * ((lane / 8) & 1)) * kRowBytes;
+  }
+  static __host__ __device__ __forceinline__ int q_lane_col(int lane, int step) {
+    return lane_col(lane, lane / 8 >> 1, step);
   }
   // K as the B operand (B[k][n] = K[n][k]): matrices (keys 0-7: cols 0-7,
   // 8-15 | keys 8-15: cols 0-7, 8-15) give b0, b1 of n-tile 0 then of n-tile 1.
-  static __device__ __forceinline__ int k_lane_offset(int lane) {
-    const int m = lane / 8, r = lane % 8;
-    return (r + 8 * (m >> 1)) * kRowBytes + 16 * (m & 1);
+  static __host__ __device__ __forceinline__ int k_lane_row(int lane) {
+    return (lane % 8 + 8 * (lane / 8 >> 1)) * kRowBytes;
+  }
+  static __host__ __device__ __forceinline__ int k_lane_col(int lane, int step) {
+    return lane_col(lane, (lane / 8) & 1, step);
   }
   // V as the B operand of O += P V (B[k][n] = V[k][n], read transposed):
   // matrices (cols 0-7: keys 0-7, 8-15 | cols 8-15: keys 0-7, 8-15) give
   // b0, b1 of output n-tile 0 then of n-tile 1.
-  static __device__ __forceinline__ int v_lane_offset(int lane) {
-    const int m = lane / 8, r = lane % 8;
-    return (r + 8 * (m & 1)) * kRowBytes + 16 * (m >> 1);
+  static __host__ __device__ __forceinline__ int v_lane_row(int lane) {
+    return (lane % 8 + 8 * ((lane / 8) & 1)) * kRowBytes;
+  }
+  static __host__ __device__ __forceinline__ int v_lane_col(int lane, int step) {
+    return lane_col(lane, lane / 8 >> 1, step);
   }
 };
 
