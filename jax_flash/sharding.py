@@ -25,6 +25,12 @@ call's spec. Under `jax.jit` with sharded inputs:
 Inside `jax.shard_map` (every mesh axis manual) the call is local: each
 shard passes its own arrays (its own varlen buffer and `cu_seqlens`, its own
 cache and block table) and gets what a call on those arrays alone gives.
+A shard_map that leaves some axes automatic (`axis_names=`) gives correct
+results, but the partitioning rule sees no mesh there: inputs sharded over
+the automatic axes are gathered around the call. Make every axis manual
+(and split batch or heads in the shard_map's specs) to keep them local; the
+legacy `with mesh:` context does not help (with it, XLA's partitioner
+aborts on such a call in JAX 0.10).
 
 `vmap` over a call whose mapped inputs all lead with the batch (fixed-shape
 calls; kv-cache calls whose cache rows are q's rows) gives the partitioned

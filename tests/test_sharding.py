@@ -721,6 +721,20 @@ def test_shard_map_varlen_grads():
     assert_same(jax.jit(fn)(*args), want)
 
 
+def test_shard_map_partially_manual():
+    # Manual over "data" only, heads sharded over the automatic "model" axis
+    # inside: custom_partitioning gets no mesh there, so the heads are
+    # gathered around the call (documented in jax_flash.sharding); values
+    # and gradients stay those of the unsharded call.
+    mesh = make_mesh(*DATA_MODEL)
+    q, k, v, do = qkv(nheads_k=4)
+    call = with_grads(lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True), 3)
+    fn = shard_map(call, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P("data"),) * 4,
+                   axis_names={"data"})
+    args = place(mesh, [q, k, v, do], [Q_SPEC] * 4)
+    assert_same(jax.jit(fn)(*args), unsharded(call, [q, k, v, do]), tol=CLOSE4)
+
+
 def test_shard_map_kvcache_own_caches_and_block_tables():
     n_shards = 4
     mesh = make_mesh((n_shards,), ("x",))
