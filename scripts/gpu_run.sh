@@ -27,6 +27,8 @@
 #              the SMs request (K/V bytes / 32 when each is fetched once) of one
 #              decode call, ours and cuDNN's (DECODE_SHAPES: "batch,context ...")
 #   keep       copies the built extension to $OUT, to reuse in a later run
+#   pack       packs everything in $OUT so far into $OUT/00_all.tgz (one file
+#              to fetch from a remote run; name it last in STEPS)
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export OUT=${OUT:-/tmp/jax_flash_out}
@@ -141,6 +143,7 @@ for step in ${STEPS:-}; do
         done
       done ;;
     keep) cp "$(python3 -c 'import jax_flash._C as c; print(c.__file__)')" "$OUT/" ;;
+    pack) tar -czf /tmp/jax_flash_out.tgz -C "$OUT" . && mv /tmp/jax_flash_out.tgz "$OUT/00_all.tgz" ;;
   esac
 done
 exit $rc
