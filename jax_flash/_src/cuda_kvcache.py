@@ -16,8 +16,9 @@ split scratch out_accum/lse_accum is sized by `_C.kvcache_plan` (plan.py).
 Which backend serves kv-cache calls on GPUs: the environment variable
 JAX_FLASH_KVCACHE_KERNELS="1" selects these kernels, "0" the plain-JAX
 reference, and unset means DEFAULT, on: the kernels pass the GPU tests and
-compute-sanitizer's memcheck, racecheck and initcheck on adversarial tables
-(notes/kernel_experiments.md, entries 36 and 37).
+compute-sanitizer's memcheck and racecheck on adversarial tables, and
+initcheck on the shared-memory layout before entry 38's
+(notes/kernel_experiments.md, entries 36-38).
 """
 
 from __future__ import annotations
