@@ -26,15 +26,17 @@ def _configure(tmp_path, *defines, gpu_caps=None, env=None):
     """Runs cmake's configure step; returns (output, _build.json or None)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    path = os.environ.get("PATH", "")
-    # Hide any real nvidia-smi; a fake one answers for the GPUs we pretend to have.
-    path = os.pathsep.join(p for p in path.split(os.pathsep)
-                           if not (pathlib.Path(p) / "nvidia-smi").exists())
-    if gpu_caps is not None:
-        smi = bindir / "nvidia-smi"
+    # A fake nvidia-smi, first on PATH, answers for the GPUs we pretend to have
+    # (none: it fails as nvidia-smi does without a driver). The rest of PATH is
+    # kept whole: the real nvidia-smi may share a folder with the linker.
+    smi = bindir / "nvidia-smi"
+    if gpu_caps is None:
+        smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    else:
         smi.write_text("#!/bin/sh\n" + "".join(f"echo {c}\n" for c in gpu_caps))
-        smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
-    run_env = {**os.environ, "PATH": os.pathsep.join([str(bindir), path]), **(env or {})}
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    path = os.pathsep.join([str(bindir), os.environ.get("PATH", "")])
+    run_env = {**os.environ, "PATH": path, **(env or {})}
     build = tmp_path / "build"
     # The CUTLASS dir is left unfound on purpose: configure stops right after
     # the decision when it builds CUDA, which keeps the test fast.
