@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""flash_attn_with_kvcache's decode kernels on adversarial tables, for
+"""flash_attn_with_kvcache's decode and append kernels on adversarial tables, for
 compute-sanitizer (run on the GPU machine, from the repository root):
 
   compute-sanitizer --tool memcheck python scripts/sanitize_kvcache.py
@@ -45,6 +45,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_gpu_enable_command_buffer= --xla_gpu_autotune_level=0").strip()
 os.environ["JAX_FLASH_KVCACHE_KERNELS"] = "1"  # the kernels, not the reference
+os.environ.setdefault("JAX_FLASH_KVCACHE_APPEND", "1")  # and the append kernel (0: JAX's)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

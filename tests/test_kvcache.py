@@ -2,6 +2,7 @@
 NumPy loop, paged vs contiguous caches, the clamping rules, jit/vmap and every
 validation message."""
 
+import dataclasses
 import math
 
 import jax
@@ -372,6 +373,30 @@ def test_decode_kernel_switch(monkeypatch):
     monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
     assert backend_lib.select(spec, "gpu").name == "reference"
     assert backend_lib.select(spec, "cpu").name == "reference"
+
+
+def test_append_kernel_switch_and_limits(monkeypatch):
+    # On the decode kernels' path JAX_FLASH_KVCACHE_APPEND=1 runs appends on
+    # the append kernel, "0" in JAX, unset the module's default. JAX keeps
+    # head dims the kernels pad, and appends of many rows that may share
+    # slots (the kernel compares each row's slot with every later row's).
+    append = kvcache_lib.bind(**{n: jnp.asarray(x) for n, x in
+                                 make_case(23, seqlen_new=2, rotary_dim=16).items()})[0]
+    replace = dataclasses.replace
+    monkeypatch.delenv(cuda_kvcache.APPEND_ENV_VAR, raising=False)
+    assert cuda_kvcache.append_in_kernel(append) == cuda_kvcache.APPEND_DEFAULT
+    monkeypatch.setenv(cuda_kvcache.APPEND_ENV_VAR, "0")
+    assert not cuda_kvcache.append_in_kernel(append)
+    monkeypatch.setenv(cuda_kvcache.APPEND_ENV_VAR, "1")
+    assert cuda_kvcache.append_in_kernel(append)
+    assert not cuda_kvcache.append_in_kernel(replace(append, seqlen_new=0, rotary_dim=0))
+    assert not cuda_kvcache.append_in_kernel(replace(append, head_dim=60))
+    limit = cuda_kvcache.APPEND_KERNEL_MAX_CHECKED_ROWS
+    for shared in (dict(paged=True, page_size=16), dict(has_batch_idx=True)):
+        assert cuda_kvcache.append_in_kernel(replace(append, batch=1, seqlen_new=limit, **shared))
+        assert not cuda_kvcache.append_in_kernel(
+            replace(append, batch=2, seqlen_new=limit, **shared))
+    assert cuda_kvcache.append_in_kernel(replace(append, batch=2, seqlen_new=limit))
 
 
 def test_low_precision_reference_is_close():

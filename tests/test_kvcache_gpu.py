@@ -4,7 +4,7 @@ computation, FlashAttention's rule: the kernel's max error against the
 float32 reference within 2x the low-precision reference's (+1e-5, +1e-4
 with ALiBi); the LSE likewise (+ softcap * 1e-3 for tanh.approx); the same
 empty rows (out 0, LSE +inf); the appended cache rows equal to the
-reference's update.
+reference's update (the append kernel's or JAX's).
 
 The default grid is a fixed random sample of dtypes x head dims {64, 96,
 128, 256} x seqlen_q {1, 3, 16} x contexts up to 32k x MHA/GQA/MQA x
@@ -44,8 +44,10 @@ FULL = os.environ.get("JAX_FLASH_KVCACHE_FULL") == "1"
 
 @pytest.fixture(autouse=True)
 def _decode_kernels(monkeypatch):
-    """The kernels, whatever the environment says."""
+    """The kernels, the append kernel included, whatever the environment says
+    (test_append_in_jax runs the other append)."""
     monkeypatch.setenv(cuda_kvcache.ENV_VAR, "1")
+    monkeypatch.setenv(cuda_kvcache.APPEND_ENV_VAR, "1")
 
 
 # ---- Running one case -----------------------------------------------------------
@@ -87,8 +89,9 @@ def _check(case, num_splits=0, **opts):
     lse_low = np.abs(lse_lo[finite] - lse32[finite]).max(initial=0)
     assert lse_err <= 2 * lse_low + 1e-4 + 1e-3 * dict(opts).get("softcap", 0.0), \
         ("lse", lse_err, lse_low)
-    # The append ran the reference's own code (kvcache_ref.update): equal
-    # up to one rounding of the dtype where XLA fused the rotary differently.
+    # The append kernel rotates in float32 and rounds once, as the reference
+    # does; XLA may contract the reference's products into FMAs: equal up to
+    # one rounding of the dtype.
     eps = float(jnp.finfo(arrays["q"].dtype).eps)
     for x, ref in ((k_cache, k32), (v_cache, v32)):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(ref, np.float32),
@@ -213,6 +216,50 @@ def test_the_switch_selects_the_kernel(monkeypatch):
     assert "jax_flash_kvcache_fwd" in jax.jit(f).lower(arrays).as_text()
     monkeypatch.setenv(cuda_kvcache.ENV_VAR, "0")
     assert "jax_flash_kvcache_fwd" not in jax.jit(lambda a: f(a) + 0).lower(arrays).as_text()
+
+
+def test_the_append_switch_selects_the_append_kernel(monkeypatch):
+    skip_if_not_compiled(64)
+    arrays, statics = make_case(16, head_dim=64, seqlen_cache=128, seqlen_new=1,
+                                rotary=(32, False))
+    f = lambda a: jax_flash.flash_attn_with_kvcache(**a, **statics)
+    assert "jax_flash_kvcache_append" in jax.jit(f).lower(arrays).as_text()
+    monkeypatch.setenv(cuda_kvcache.APPEND_ENV_VAR, "0")
+    assert "jax_flash_kvcache_append" not in jax.jit(lambda a: f(a)).lower(arrays).as_text()
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_append_in_jax(monkeypatch, page_size):
+    # JAX_FLASH_KVCACHE_APPEND=0: XLA's rotary and scatter before the decode
+    # kernels. Traces made with the other switch are dropped before and after.
+    skip_if_not_compiled(128)
+    jax.clear_caches()
+    monkeypatch.setenv(cuda_kvcache.APPEND_ENV_VAR, "0")
+    try:
+        _check(make_case(21, batch=3, head_dim=128, heads=HEADS["gqa"], seqlen_q=2,
+                         seqlen_cache=500, page_size=page_size, seqlen_new=3,
+                         rotary=(64, False), batch_idx=not page_size,
+                         leftpad=not page_size), 0, causal=True)
+    finally:
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_shared_slots_keep_the_last_write(page_size):
+    # Two sequences writing the same slots (one cache row by cache_batch_idx,
+    # or the same pages by block_table): the later sequence's rows stay, as
+    # in the reference, and both sequences read them.
+    skip_if_not_compiled(64)
+    arrays, statics = make_case(22, batch=4, head_dim=64, heads=HEADS["gqa"], seqlen_q=2,
+                                seqlen_cache=64, page_size=page_size, seqlen_new=2,
+                                rotary=(32, True), batch_idx=not page_size)
+    if page_size:
+        arrays["block_table"] = arrays["block_table"].at[2].set(arrays["block_table"][0])
+    else:
+        idx = arrays["cache_batch_idx"]
+        arrays["cache_batch_idx"] = idx.at[3].set(idx[1])
+    arrays["cache_seqlens"] = jnp.full((4,), 10, jnp.int32)
+    _check((arrays, statics), 0, causal=True)
 
 
 def test_donated_caches_are_updated_in_place():

@@ -127,6 +127,7 @@ NB_MODULE(_C, m) {
     targets["jax_flash_bwd_qkvpacked"] = Capsule(jax_flash::AttnBwdQkvpacked);
     targets["jax_flash_dropout_mask"] = Capsule(jax_flash::DropoutMask);
     targets["jax_flash_kvcache_fwd"] = Capsule(jax_flash::KVCacheFwd);
+    targets["jax_flash_kvcache_append"] = Capsule(jax_flash::KVCacheAppend);
     return targets;
   }, "FFI target name -> handler capsule, for platform CUDA.");
   m.def("compiled_head_dims", []() {

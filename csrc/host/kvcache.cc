@@ -4,12 +4,15 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../decode/params.h"
 #include "../decode/tile.h"
 #include "device_info.h"
 #include "dispatch.h"
+#include "kvcache_append.h"
 #include "plan.h"
 
 namespace jax_flash {
@@ -261,6 +264,114 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   if (launch != cudaSuccess) {
     return {Status::kInternal,
             std::string("jax_flash kv-cache kernel launch failed: ") + cudaGetErrorString(launch)};
+  }
+  return {};
+}
+
+namespace {
+
+// k, v, the rotary tables and the results of an append; *z from CheckInputs.
+Status CheckAppend(const KVCacheAppendInputs& in, const Sizes& z, const Tensor& q_out,
+                   const Tensor& k_cache_out, const Tensor& v_cache_out, int64_t* rotary_dim) {
+  const Dims rows = {z.batch, in.k.dims.size() == 4 ? in.k.dims[1] : -1, z.nheads_k, z.head_dim};
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"k", in.k}, {"v", in.v}}) {
+    if (t.type != in.q.type || t.dims != rows || rows[1] < 0 || rows[1] > z.seqlen_cache) {
+      return Invalid(name, "of q's dtype (batch, seqlen_new, nheads_k, head_dim) with batch " +
+                               std::to_string(z.batch) + ", nheads_k " +
+                               std::to_string(z.nheads_k) + ", head_dim " +
+                               std::to_string(z.head_dim) + ", seqlen_new <= seqlen_cache " +
+                               std::to_string(z.seqlen_cache), t);
+    }
+  }
+  const Tensor &cos = in.rotary_cos, &sin = in.rotary_sin;
+  *rotary_dim = 0;
+  if (cos.size() != 0 || sin.size() != 0) {
+    if (cos.type != in.q.type || cos.dims.size() != 2 || sin.dims != cos.dims ||
+        sin.type != cos.type || cos.dims[0] < 1 || cos.dims[1] < 1 ||
+        2 * cos.dims[1] > z.head_dim) {
+      return Invalid("rotary_cos/rotary_sin", "of q's dtype, both (seqlen_ro, rotary_dim / 2) "
+                     "with seqlen_ro >= 1 and 2 <= rotary_dim <= head_dim " +
+                     std::to_string(z.head_dim) + "; rotary_sin " + ShapeString(sin.dims), cos);
+    }
+    *rotary_dim = 2 * cos.dims[1];
+  }
+  if (*rotary_dim ? q_out.type != in.q.type || q_out.dims != in.q.dims : q_out.size() != 0) {
+    return Invalid("q_out", *rotary_dim ? "of q's shape " + ShapeString(in.q.dims) + " and dtype"
+                                        : std::string("empty without rotary"), q_out);
+  }
+  for (const auto& [name, out, cache] :
+       {std::tuple<const char*, const Tensor&, const Tensor&>{"k_cache result", k_cache_out,
+                                                              in.k_cache},
+        {"v_cache result", v_cache_out, in.v_cache}}) {
+    if (out.data != cache.data || out.dims != cache.dims || out.type != cache.type) {
+      return Invalid(name, "the cache operand's own buffer (aliased) of shape " +
+                               ShapeString(cache.dims), out);
+    }
+  }
+  for (int64_t n : {z.batch * rows[1], z.batch * z.seqlen_q}) {
+    if (n >= kMaxSize) {
+      return Status::Invalid("batch * seqlen_new and batch * seqlen_q must be < 2^29, got q " +
+                             ShapeString(in.q.dims) + ", k " + ShapeString(in.k.dims));
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+Status kvcache_append(const KVCacheAppendInputs& in, const KVCacheAppendAttrs& attrs,
+                      const Tensor& q_out, const Tensor& k_cache_out, const Tensor& v_cache_out,
+                      cudaStream_t stream) {
+  const Tensor no_alibi{nullptr, ElementType::kF32, {0}};
+  const KVCacheInputs tables{in.q,           in.k_cache,         in.v_cache,
+                             in.cache_seqlens, in.cache_batch_idx, in.cache_leftpad,
+                             in.block_table, no_alibi};
+  KVCacheAttrs layout;
+  layout.paged = attrs.paged;
+  Sizes z;
+  Status s;
+  int64_t rotary_dim = 0;
+  if (!(s = CheckInputs(tables, layout, &z)).ok()) return s;
+  if (!(s = CheckAppend(in, z, q_out, k_cache_out, v_cache_out, &rotary_dim)).ok()) return s;
+
+  KVCacheAppend a;
+  a.q = rotary_dim ? in.q.data : nullptr;
+  a.q_out = rotary_dim ? q_out.data : nullptr;
+  a.k = in.k.data;
+  a.v = in.v.data;
+  a.k_cache = k_cache_out.data;
+  a.v_cache = v_cache_out.data;
+  a.rotary_cos = rotary_dim ? in.rotary_cos.data : nullptr;
+  a.rotary_sin = rotary_dim ? in.rotary_sin.data : nullptr;
+  a.cache_seqlens = static_cast<const int*>(in.cache_seqlens.data);
+  auto table = [](const Tensor& t) {
+    return t.size() != 0 ? static_cast<const int*>(t.data) : nullptr;
+  };
+  a.cache_batch_idx = table(in.cache_batch_idx);
+  a.cache_leftpad = table(in.cache_leftpad);
+  a.block_table = attrs.paged ? table(in.block_table) : nullptr;
+  a.batch = static_cast<int>(z.batch);
+  a.seqlen_q = static_cast<int>(z.seqlen_q);
+  a.seqlen_new = static_cast<int>(in.k.dims[1]);
+  a.nheads = static_cast<int>(z.nheads);
+  a.nheads_k = static_cast<int>(z.nheads_k);
+  a.head_dim = static_cast<int>(z.head_dim);
+  a.rotary_dim = static_cast<int>(rotary_dim);
+  a.seqlen_ro = rotary_dim ? static_cast<int>(std::min<int64_t>(in.rotary_cos.dims[0], kMaxSize))
+                           : 0;
+  a.seqlen_cache = static_cast<int>(z.seqlen_cache);
+  a.batch_cache = static_cast<int>(z.num_pages);
+  a.page_size = static_cast<int>(z.page_size);
+  a.max_blocks = static_cast<int>(z.max_blocks);
+  a.bf16 = in.q.type == ElementType::kBF16;
+  a.interleaved = attrs.rotary_interleaved;
+  a.q_per_row = attrs.rotary_q_per_row;
+  // Distinct slots by construction without a batch index or a block table.
+  a.dedupe = a.cache_batch_idx != nullptr || a.block_table != nullptr;
+  const cudaError_t launch = launch_kvcache_append(a, stream);
+  if (launch != cudaSuccess) {
+    return {Status::kInternal, std::string("jax_flash kv-cache append launch failed: ") +
+                                   cudaGetErrorString(launch)};
   }
   return {};
 }

@@ -3,9 +3,11 @@
 // The host entry point of the kv-cache custom call (jax_flash_kvcache_fwd),
 // free of XLA types like host/attention.h: validates every operand against
 // the plan (host/plan.h), fills DecodeParams and launches the decode kernels
-// (csrc/decode/) on `stream`. The caches are only read: the append and the
-// rotary embedding happen in JAX before the call (jax_flash/_src/cuda.py).
-// Nothing here allocates device memory, synchronises or exits.
+// (csrc/decode/) on `stream`. The decode kernels only read the caches; the
+// append and the rotary embedding run before them, in one kernel
+// (jax_flash_kvcache_append, host/kvcache_append.h) or in JAX
+// (jax_flash/_src/cuda_kvcache.py). Nothing here allocates device memory,
+// synchronises or exits.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,5 +44,27 @@ struct KVCacheInputs {
 Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Tensor& out,
                    const Tensor& lse, const Tensor& out_accum, const Tensor& lse_accum,
                    cudaStream_t stream);
+
+// The operands of an append (jax_flash_kvcache_append): q, the caches and
+// the tables as in KVCacheInputs; k, v (batch, seqlen_new, nheads_k,
+// head_dim) in q's dtype; rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2)
+// in q's dtype, or both empty (no rotary).
+struct KVCacheAppendInputs {
+  Tensor q, k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+      rotary_cos, rotary_sin;
+};
+
+struct KVCacheAppendAttrs {
+  bool paged = false;
+  bool rotary_interleaved = true;  // GPT-J pairs (2m, 2m + 1), else GPT-NeoX halves
+  bool rotary_q_per_row = false;   // q row i at position c - lp + i, else c - lp
+};
+
+// Writes k and v (k rotated) into the caches at cache_seqlens, and q rotated
+// into q_out (empty without rotary). k_cache_out and v_cache_out must be the
+// caches' own buffers (the custom call aliases them): the write is in place.
+Status kvcache_append(const KVCacheAppendInputs& in, const KVCacheAppendAttrs& attrs,
+                      const Tensor& q_out, const Tensor& k_cache_out, const Tensor& v_cache_out,
+                      cudaStream_t stream);
 
 }  // namespace jax_flash

@@ -316,9 +316,8 @@ class _KVCacheForward:
 
 def run_kvcache(spec, xs, operands):
     """Runs a bound `flash_attn_with_kvcache` call (`_src/kvcache.bind`) on
-    the chosen backend, partitioned: (out, lse, k_cache, v_cache). No kernel
-    family supports the "kvcache" layout yet, so this is the reference
-    everywhere."""
+    the chosen backend, partitioned: (out, lse, k_cache, v_cache): the decode
+    kernels on GPUs (`cuda_kvcache`), the reference elsewhere."""
     backend = select(spec)
     sig = sharding.kvcache_signature(spec, xs, operands)
     return sharding.call(_KVCacheForward(backend), spec, (tuple(xs), operands), sig)
