@@ -29,6 +29,11 @@ Status Invalid(const std::string& name, const std::string& expected, const Tenso
                          (got.type == ElementType::kOther ? " of an unsupported dtype" : ""));
 }
 
+// An optional int32 table's data, null when empty (off).
+const int* TableOrNull(const Tensor& t) {
+  return t.size() != 0 ? static_cast<const int*>(t.data) : nullptr;
+}
+
 bool Is16Bit(ElementType t) { return t == ElementType::kF16 || t == ElementType::kBF16; }
 
 // An int32 table of exactly `dims`, or (optional) empty.
@@ -227,12 +232,9 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   p.o_accum_ptr = splits > 1 ? static_cast<float*>(out_accum.data) : nullptr;
   p.lse_accum_ptr = splits > 1 ? static_cast<float*>(lse_accum.data) : nullptr;
   p.cache_seqlens = static_cast<const int*>(in.cache_seqlens.data);
-  auto table = [](const Tensor& t) {
-    return t.size() != 0 ? static_cast<const int*>(t.data) : nullptr;
-  };
-  p.cache_batch_idx = table(in.cache_batch_idx);
-  p.cache_leftpad = table(in.cache_leftpad);
-  p.block_table = attrs.paged ? table(in.block_table) : nullptr;
+  p.cache_batch_idx = TableOrNull(in.cache_batch_idx);
+  p.cache_leftpad = TableOrNull(in.cache_leftpad);
+  p.block_table = attrs.paged ? TableOrNull(in.block_table) : nullptr;
   p.alibi_slopes = in.alibi.size() != 0 ? static_cast<const float*>(in.alibi.data) : nullptr;
   p.batch = static_cast<int>(z.batch);
   p.seqlen_q = static_cast<int>(z.seqlen_q);
@@ -344,12 +346,9 @@ Status kvcache_append(const KVCacheAppendInputs& in, const KVCacheAppendAttrs& a
   a.rotary_cos = rotary_dim ? in.rotary_cos.data : nullptr;
   a.rotary_sin = rotary_dim ? in.rotary_sin.data : nullptr;
   a.cache_seqlens = static_cast<const int*>(in.cache_seqlens.data);
-  auto table = [](const Tensor& t) {
-    return t.size() != 0 ? static_cast<const int*>(t.data) : nullptr;
-  };
-  a.cache_batch_idx = table(in.cache_batch_idx);
-  a.cache_leftpad = table(in.cache_leftpad);
-  a.block_table = attrs.paged ? table(in.block_table) : nullptr;
+  a.cache_batch_idx = TableOrNull(in.cache_batch_idx);
+  a.cache_leftpad = TableOrNull(in.cache_leftpad);
+  a.block_table = attrs.paged ? TableOrNull(in.block_table) : nullptr;
   a.batch = static_cast<int>(z.batch);
   a.seqlen_q = static_cast<int>(z.seqlen_q);
   a.seqlen_new = static_cast<int>(in.k.dims[1]);
