@@ -397,6 +397,7 @@ def test_append_kernel_switch_and_limits(monkeypatch):
         assert not cuda_kvcache.append_in_kernel(
             replace(append, batch=2, seqlen_new=limit, **shared))
     assert cuda_kvcache.append_in_kernel(replace(append, batch=2, seqlen_new=limit))
+    assert not cuda_kvcache.append_in_kernel(replace(append, batch=2, seqlen_new=1 << 28))
 
 
 def test_low_precision_reference_is_close():

@@ -310,10 +310,12 @@ Status CheckAppend(const KVCacheAppendInputs& in, const Sizes& z, const Tensor& 
                                ShapeString(cache.dims), out);
     }
   }
-  for (int64_t n : {z.batch * rows[1], z.batch * z.seqlen_q}) {
+  // Rows (one block each) and row widths (int offsets in the kernel).
+  for (int64_t n : {z.batch * rows[1], z.batch * z.seqlen_q, z.nheads * z.head_dim}) {
     if (n >= kMaxSize) {
-      return Status::Invalid("batch * seqlen_new and batch * seqlen_q must be < 2^29, got q " +
-                             ShapeString(in.q.dims) + ", k " + ShapeString(in.k.dims));
+      return Status::Invalid("batch * seqlen_new, batch * seqlen_q and nheads * head_dim must "
+                             "be < 2^29, got q " + ShapeString(in.q.dims) + ", k " +
+                             ShapeString(in.k.dims));
     }
   }
   return {};
@@ -336,7 +338,7 @@ Status kvcache_append(const KVCacheAppendInputs& in, const KVCacheAppendAttrs& a
   if (!(s = CheckInputs(tables, layout, &z)).ok()) return s;
   if (!(s = CheckAppend(in, z, q_out, k_cache_out, v_cache_out, &rotary_dim)).ok()) return s;
 
-  KVCacheAppend a;
+  KVCacheAppendParams a;
   a.q = rotary_dim ? in.q.data : nullptr;
   a.q_out = rotary_dim ? q_out.data : nullptr;
   a.k = in.k.data;

@@ -23,7 +23,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 __device__ __forceinline__ int clamp(int x, int lo, int hi) { return min(max(x, lo), hi); }
 
 // c_b and lp_b (kvcache_append.h).
-__device__ __forceinline__ int2 cache_start(const KVCacheAppend& a, int b) {
+__device__ __forceinline__ int2 cache_start(const KVCacheAppendParams& a, int b) {
   const int c = clamp(a.cache_seqlens[b], 0, a.seqlen_cache - a.seqlen_new);
   const int lp = a.cache_leftpad != nullptr ? clamp(a.cache_leftpad[b], 0, c) : 0;
   return make_int2(c, lp);
@@ -31,7 +31,7 @@ __device__ __forceinline__ int2 cache_start(const KVCacheAppend& a, int b) {
 
 // The row of the flattened cache (batch_cache * rows per entry) that new row
 // r = b * seqlen_new + i goes to.
-__device__ __forceinline__ int64_t slot_of(const KVCacheAppend& a, int r) {
+__device__ __forceinline__ int64_t slot_of(const KVCacheAppendParams& a, int r) {
   const int b = r / a.seqlen_new;
   const int pos = cache_start(a, b).x + r % a.seqlen_new;
   if (a.block_table != nullptr) {
@@ -49,7 +49,7 @@ __device__ __forceinline__ int64_t slot_of(const KVCacheAppend& a, int r) {
 // otherwise (GPT-NeoX); y1 = x1 c - x2 s, y2 = x1 s + x2 c in float32
 // without contraction, as the reference's separate products.
 template <typename T>
-__device__ __forceinline__ T rotated(const KVCacheAppend& a, const T* row, int e, int pos) {
+__device__ __forceinline__ T rotated(const KVCacheAppendParams& a, const T* row, int e, int pos) {
   const int j = e % a.head_dim;
   if (j >= a.rotary_dim) return row[e];
   const int half = a.rotary_dim / 2;
@@ -68,7 +68,7 @@ __device__ __forceinline__ T rotated(const KVCacheAppend& a, const T* row, int e
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) kvcache_append_kernel(const KVCacheAppend a) {
+__global__ void __launch_bounds__(kThreads) kvcache_append_kernel(const KVCacheAppendParams a) {
   const int rows_new = a.batch * a.seqlen_new;
   const int block = blockIdx.x;
   const bool rotary = a.rotary_dim > 0;
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) kvcache_append_kernel(const KVCacheA
 
 }  // namespace
 
-cudaError_t launch_kvcache_append(const KVCacheAppend& a, cudaStream_t stream) {
+cudaError_t launch_kvcache_append(const KVCacheAppendParams& a, cudaStream_t stream) {
   const int64_t blocks = int64_t(a.batch) * a.seqlen_new +
                          (a.rotary_dim > 0 ? int64_t(a.batch) * a.seqlen_q : 0);
   if (blocks == 0) return cudaSuccess;

@@ -25,7 +25,7 @@
 
 namespace jax_flash {
 
-struct KVCacheAppend {
+struct KVCacheAppendParams {
   // q (batch, seqlen_q, nheads, head_dim) -> q_out, rotated; both null
   // without rotary.
   const void* q = nullptr;
@@ -53,6 +53,6 @@ struct KVCacheAppend {
 };
 
 // One block per new row and per q row (with rotary). Rows must number < 2^31.
-cudaError_t launch_kvcache_append(const KVCacheAppend& a, cudaStream_t stream);
+cudaError_t launch_kvcache_append(const KVCacheAppendParams& a, cudaStream_t stream);
 
 }  // namespace jax_flash

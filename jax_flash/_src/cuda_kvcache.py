@@ -53,6 +53,8 @@ APPEND_DEFAULT = False  # whether appends run on the append kernel with APPEND_E
 # of the append kernel's rows compares its slot with every later row's: up
 # to this many rows in all; beyond, the append runs in JAX (a sort).
 APPEND_KERNEL_MAX_CHECKED_ROWS = 1024
+# The append kernel's rows and row widths stay below this (csrc/host/kvcache.cc).
+_APPEND_KERNEL_MAX_SIZE = 1 << 29
 
 
 def _switch(name: str, default: bool) -> bool:
@@ -69,12 +71,14 @@ def enabled() -> bool:
 def append_in_kernel(spec: KVCacheSpec) -> bool:
     """Whether spec's append runs on the append kernel (else in JAX): the
     switch is on, there is something to write, the head dim needs no padding
-    (padded caches are copies anyway), and the duplicate-slot check is small."""
+    (padded caches are copies anyway), the sizes fit the kernel's int
+    offsets, and the duplicate-slot check is small."""
     if not (spec.append and spec.batch and _switch(APPEND_ENV_VAR, APPEND_DEFAULT)):
         return False
-    if spec.head_dim % 8:
-        return False
     rows = spec.batch * spec.seqlen_new
+    if spec.head_dim % 8 or max(rows, spec.batch * spec.seqlen_q,
+                                spec.nheads * spec.head_dim) >= _APPEND_KERNEL_MAX_SIZE:
+        return False
     return not (spec.paged or spec.has_batch_idx) or rows <= APPEND_KERNEL_MAX_CHECKED_ROWS
 
 
