@@ -295,9 +295,10 @@ def main():
     a = parse_args()
     path = result_stem(a.out, "decode", a.tag) + ".json"
     result = {**header(), "nheads": a.nheads, "nheads_k": a.nheads_k, "dtype": "bfloat16",
-              "repeats": a.repeats, "kernels_enabled": cuda_kvcache.enabled(), "rows": []}
+              "repeats": a.repeats, "kernels_enabled": cuda_kvcache.enabled(),
+              "append_kernel": cuda_kvcache.append_enabled(), "rows": []}
     gpu = result["gpu"]
-    print(f"gpu={gpu} jax={jax.__version__} -> {path}")
+    print(f"gpu={gpu} jax={jax.__version__} append kernel={result['append_kernel']} -> {path}")
     dtype = jnp.bfloat16
     base = dict(gpu=gpu, nheads=a.nheads, nheads_k=a.nheads_k)
 

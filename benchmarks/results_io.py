@@ -20,9 +20,14 @@ def gpu_name():
 
 
 def header():
-    """{"gpu", "jax_version", "date"}: what ran the benchmark, and when."""
+    """{"gpu", "jax_version", "date", "settings"}: what ran the benchmark, and
+    when; settings are the run-time variables that change which kernels run
+    (e.g. JAX_FLASH_KVCACHE_APPEND=1), as `jax_flash.info()` lists them."""
+    from jax_flash._src.info import RUNTIME_VARIABLES
+
     return {"gpu": gpu_name(), "jax_version": jax.__version__,
-            "date": datetime.date.today().isoformat()}
+            "date": datetime.date.today().isoformat(),
+            "settings": [f"{n}={os.environ[n]}" for n in RUNTIME_VARIABLES if n in os.environ]}
 
 
 def result_stem(out_dir, *parts):

@@ -68,12 +68,18 @@ def enabled() -> bool:
     return _switch(ENV_VAR, DEFAULT)
 
 
+def append_enabled() -> bool:
+    """Whether appends may run on the append kernel: APPEND_ENV_VAR "1" yes,
+    "0" no, unset APPEND_DEFAULT."""
+    return _switch(APPEND_ENV_VAR, APPEND_DEFAULT)
+
+
 def append_in_kernel(spec: KVCacheSpec) -> bool:
     """Whether spec's append runs on the append kernel (else in JAX): the
     switch is on, there is something to write, the head dim needs no padding
     (padded caches are copies anyway), the sizes fit the kernel's int
     offsets, and the duplicate-slot check is small."""
-    if not (spec.append and spec.batch and _switch(APPEND_ENV_VAR, APPEND_DEFAULT)):
+    if not (spec.append and spec.batch and append_enabled()):
         return False
     rows = spec.batch * spec.seqlen_new
     if spec.head_dim % 8 or max(rows, spec.batch * spec.seqlen_q,
