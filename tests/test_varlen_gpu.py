@@ -21,8 +21,11 @@ pytestmark = requires_gpu
 
 
 def _vjps(kernel, ref, q, k, v, d_out):
+    # The references jitted: run op by op, every op of every new shape
+    # compiles on its own (about 3x slower on a fresh shape).
     results = []
-    for fn in (kernel, functools.partial(ref, upcast=True), functools.partial(ref, upcast=False)):
+    for fn in (kernel, jax.jit(functools.partial(ref, upcast=True)),
+               jax.jit(functools.partial(ref, upcast=False))):
         out, pullback = jax.vjp(fn, q, k, v)
         results.append((out, pullback(d_out)))
     return results
@@ -296,10 +299,11 @@ def test_segment_ids_match_reference(case):
         q, k, v, q_segment_ids=segs[0], kv_segment_ids=segs[1], dropout_p=p,
         dropout_mask=keep, upcast=upcast, **opts)[0]
     check_fa_rule(_vjps(kernel, ref, q, k, v, d_out), atol=1e-4 if case["alibi"] else 1e-5)
-    _, lse, _ = jax_flash.flash_attn_func(q, k, v, segment_ids=segs, return_attn_probs=True,
-                                          dropout_p=p, dropout_key=key if p else None, **opts)
-    _, ref_lse = reference.attention_ref(q, k, v, q_segment_ids=segs[0],
-                                         kv_segment_ids=segs[1], **opts)
+    _, lse, _ = jax.jit(lambda q, k, v: jax_flash.flash_attn_func(
+        q, k, v, segment_ids=segs, return_attn_probs=True, dropout_p=p,
+        dropout_key=key if p else None, **opts))(q, k, v)
+    _, ref_lse = jax.jit(lambda q, k, v: reference.attention_ref(
+        q, k, v, q_segment_ids=segs[0], kv_segment_ids=segs[1], **opts))(q, k, v)
     np.testing.assert_array_equal(np.isposinf(np.asarray(lse)), np.isposinf(np.asarray(ref_lse)))
 
 
