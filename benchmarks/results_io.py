@@ -20,14 +20,16 @@ def gpu_name():
 
 
 def header():
-    """{"gpu", "jax_version", "date", "settings"}: what ran the benchmark, and
-    when; settings are the run-time variables that change which kernels run
-    (e.g. JAX_FLASH_KVCACHE_APPEND=1), as `jax_flash.info()` lists them."""
+    """{"gpu", "jax_version", "date", "settings", "xla_flags"}: what ran the
+    benchmark, and when; settings are the run-time variables that change
+    which kernels run (e.g. JAX_FLASH_KVCACHE_APPEND=1), as `jax_flash.info()`
+    lists them; XLA_FLAGS as set (e.g. autotuning off slows XLA's GEMMs)."""
     from jax_flash._src.info import RUNTIME_VARIABLES
 
     return {"gpu": gpu_name(), "jax_version": jax.__version__,
             "date": datetime.date.today().isoformat(),
-            "settings": [f"{n}={os.environ[n]}" for n in RUNTIME_VARIABLES if n in os.environ]}
+            "settings": [f"{n}={os.environ[n]}" for n in RUNTIME_VARIABLES if n in os.environ],
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def result_stem(out_dir, *parts):
