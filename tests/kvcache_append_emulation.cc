@@ -91,7 +91,7 @@ void run_blocks(const jax_flash::KVCacheAppendParams& a, int64_t blocks) {
 // cache_seqlens, cache_batch_idx, cache_leftpad, block_table (null: off).
 // sizes: batch, seqlen_q, seqlen_new, nheads, nheads_k, head_dim,
 // rotary_dim, seqlen_ro, seqlen_cache, batch_cache, page_size, max_blocks,
-// bf16, interleaved, q_per_row, dedupe. Blocks as the launch makes them.
+// bf16, interleaved, q_per_row, dedupe. The launch's blocks (num_blocks).
 extern "C" int run_append(void* const* ptrs, const int* sizes) {
   jax_flash::KVCacheAppendParams a;
   a.q = ptrs[0];
@@ -122,8 +122,7 @@ extern "C" int run_append(void* const* ptrs, const int* sizes) {
   a.interleaved = sizes[13] != 0;
   a.q_per_row = sizes[14] != 0;
   a.dedupe = sizes[15] != 0;
-  const int64_t blocks = int64_t(a.batch) * a.seqlen_new +
-                         (a.rotary_dim > 0 ? int64_t(a.batch) * a.seqlen_q : 0);
+  const int64_t blocks = jax_flash::append_kernel::num_blocks(a);
   if (a.bf16) {
     run_blocks<__nv_bfloat16>(a, blocks);
   } else {

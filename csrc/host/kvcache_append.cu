@@ -8,8 +8,7 @@ namespace jax_flash {
 cudaError_t launch_kvcache_append(const KVCacheAppendParams& a, cudaStream_t stream) {
   using append_kernel::kThreads;
   using append_kernel::kvcache_append_kernel;
-  const int64_t blocks = int64_t(a.batch) * a.seqlen_new +
-                         (a.rotary_dim > 0 ? int64_t(a.batch) * a.seqlen_q : 0);
+  const int64_t blocks = append_kernel::num_blocks(a);
   if (blocks == 0) return cudaSuccess;
   if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   if (a.bf16) {

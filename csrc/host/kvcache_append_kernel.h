@@ -16,6 +16,11 @@ namespace append_kernel {
 
 constexpr int kThreads = 128;
 
+// The launch's blocks: one per new row, then one per q row with rotary.
+inline int64_t num_blocks(const KVCacheAppendParams& a) {
+  return int64_t(a.batch) * a.seqlen_new + (a.rotary_dim > 0 ? int64_t(a.batch) * a.seqlen_q : 0);
+}
+
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T>
