@@ -398,6 +398,10 @@ def test_append_kernel_switch_and_limits(monkeypatch):
             replace(append, batch=2, seqlen_new=limit, **shared))
     assert cuda_kvcache.append_in_kernel(replace(append, batch=2, seqlen_new=limit))
     assert not cuda_kvcache.append_in_kernel(replace(append, batch=2, seqlen_new=1 << 28))
+    # The launch: a block per (new row, K/V head) and per (q row, head).
+    big = dict(batch=1 << 12, seqlen_new=1 << 12, nheads=128)
+    assert not cuda_kvcache.append_in_kernel(replace(append, nheads_k=128, **big))
+    assert cuda_kvcache.append_in_kernel(replace(append, nheads_k=64, **big))
 
 
 def test_low_precision_reference_is_close():

@@ -12,6 +12,7 @@
 
 #include "params.h"
 #include "ptx.h"
+#include "tile.h"
 
 namespace jax_flash::decode {
 
@@ -27,17 +28,24 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-constexpr int kCombineRowsPerBlock = 4;  // a warp per row
+// A block per row: every warp computes the row's lse (the splits spread over
+// its lanes), then warp w sums the outputs of splits w, w + kCombineWarps,
+// ..., and the warps' sums are added through shared memory. Splits are many
+// when rows are few (batch 1: 32 rows and 33 splits on an H100), so the
+// loads of one row must be in flight together, not one after another.
+constexpr int kCombineWarps = 4;
+constexpr int kCombineMaxHeadDim = 256;  // the largest compiled head dim
+static_assert(kMaxSplits <= 32 * kCombineWarps, "a lane holds one split's weight");
 
-// Grid: ceil(batch * nheads * seqlen_q / kCombineRowsPerBlock) blocks of 128
-// threads. Row index = (b * nheads + h) * seqlen_q + i, lse's layout.
+// Grid: batch * nheads * seqlen_q blocks of 32 * kCombineWarps threads. Row
+// index = (b * nheads + h) * seqlen_q + i, lse's layout.
 template <typename Element>
-__global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kernel(
+__global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(
     const DecodeParams p) {
-  const int lane = threadIdx.x % 32;
+  __shared__ float4 warp_sums[kCombineWarps][kCombineMaxHeadDim / 4];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows = int64_t(p.batch) * p.nheads * p.seqlen_q;
-  const int64_t row = int64_t(blockIdx.x) * kCombineRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;  // warp-uniform
+  const int64_t row = blockIdx.x;
   const float* lse_s = p.lse_accum_ptr + row;  // split s at lse_s[s * rows]
 
   float max = -INFINITY;
@@ -50,32 +58,54 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kern
     lse = max + logf(warp_sum(sum));  // sum >= 1: the max's own term
   }
 
-  const int i = static_cast<int>(row % p.seqlen_q);
-  const int64_t bh = row / p.seqlen_q;
-  const int head = static_cast<int>(bh % p.nheads);
-  const int64_t b = bh / p.nheads;
-  Element* out = static_cast<Element*>(p.o_ptr) + ((b * p.seqlen_q + i) * p.nheads + head) * p.head_dim;
-  for (int col = lane * 4; col < p.head_dim; col += 128) {
+  // Lane j of warp w holds the weight of split w + kCombineWarps * j, so that
+  // the loop below issues its loads without waiting on one another.
+  const int split = warp + kCombineWarps * lane;
+  const float weight =
+      lse != INFINITY && split < p.num_splits ? expf(lse_s[split * rows] - lse) : 0.f;
+  const int warp_splits = (p.num_splits - warp + kCombineWarps - 1) / kCombineWarps;
+  const int chunks = p.head_dim / 4;  // float4 columns; head_dim is a multiple of 8
+  for (int c0 = 0; c0 < chunks; c0 += 32) {  // every lane runs the loop: the shuffles
+    const int c = c0 + lane;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lse != INFINITY) {
-      for (int s = 0; s < p.num_splits; ++s) {
-        const float w = expf(lse_s[s * rows] - lse);
-        // Empty splits (w = 0, often most of them for short sequences in a
-        // long cache) are skipped without reading their rows; w depends on
-        // the row and split only, so the branch is warp-uniform.
-        if (w == 0.f) continue;
+#pragma unroll 4
+    for (int j = 0; j < warp_splits; ++j) {
+      const float w = __shfl_sync(0xffffffffu, weight, j);
+      // Empty splits (w = 0, often most of them for short sequences in a
+      // long cache, and every split of a row without keys) are skipped
+      // without reading their rows.
+      if (w != 0.f && c < chunks) {
+        const int64_t s = warp + kCombineWarps * j;
         const float4 part =
-            *reinterpret_cast<const float4*>(p.o_accum_ptr + (s * rows + row) * p.head_dim + col);
+            reinterpret_cast<const float4*>(p.o_accum_ptr + (s * rows + row) * p.head_dim)[c];
         o.x += w * part.x;
         o.y += w * part.y;
         o.z += w * part.z;
         o.w += w * part.w;
       }
     }
-    *reinterpret_cast<uint2*>(out + col) =
+    if (c < chunks) warp_sums[warp][c] = o;
+  }
+  __syncthreads();
+
+  const int i = static_cast<int>(row % p.seqlen_q);
+  const int64_t bh = row / p.seqlen_q;
+  const int head = static_cast<int>(bh % p.nheads);
+  const int64_t b = bh / p.nheads;
+  Element* out = static_cast<Element*>(p.o_ptr) + ((b * p.seqlen_q + i) * p.nheads + head) * p.head_dim;
+  for (int c = threadIdx.x; c < chunks; c += 32 * kCombineWarps) {
+    float4 o = warp_sums[0][c];
+#pragma unroll
+    for (int w = 1; w < kCombineWarps; ++w) {
+      o.x += warp_sums[w][c].x;
+      o.y += warp_sums[w][c].y;
+      o.z += warp_sums[w][c].z;
+      o.w += warp_sums[w][c].w;
+    }
+    *reinterpret_cast<uint2*>(out + 4 * c) =
         make_uint2(pack2<Element>(o.x, o.y), pack2<Element>(o.z, o.w));
   }
-  if (lane == 0) p.lse_ptr[row] = lse;
+  if (threadIdx.x == 0) p.lse_ptr[row] = lse;
 }
 
 }  // namespace jax_flash::decode

@@ -38,10 +38,11 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
                         ? launch_split_kernel<DecodeTraits<Element, kHeadDim, true>>(params, stream)
                         : launch_split_kernel<DecodeTraits<Element, kHeadDim, false>>(params, stream);
   if (err != cudaSuccess || params.num_splits == 1) return err;
+  static_assert(kHeadDim <= kCombineMaxHeadDim, "the combine kernel's shared sums");
   const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
-  const int64_t blocks = (rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock;
+  if (rows > int64_t{0x7fffffff}) return cudaErrorInvalidConfiguration;  // a block per row
   decode_combine_kernel<Element>
-      <<<static_cast<unsigned>(blocks), 32 * kCombineRowsPerBlock, 0, stream>>>(params);
+      <<<static_cast<unsigned>(rows), 32 * kCombineWarps, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -23,6 +23,7 @@ using Dims = std::vector<int64_t>;
 // Offsets computed in int in the kernels stay below 2^31 with sizes under
 // this; the window arithmetic adds up to three of them.
 constexpr int64_t kMaxSize = int64_t{1} << 29;
+constexpr int64_t kMaxBlocks = int64_t{1} << 31;  // of the append launch
 
 Status Invalid(const std::string& name, const std::string& expected, const Tensor& got) {
   return Status::Invalid(name + " must be " + expected + ", got shape " + ShapeString(got.dims) +
@@ -317,6 +318,13 @@ Status CheckAppend(const KVCacheAppendInputs& in, const Sizes& z, const Tensor& 
                              "be < 2^29, got q " + ShapeString(in.q.dims) + ", k " +
                              ShapeString(in.k.dims));
     }
+  }
+  // A block per (new row, K/V head) and per (q row, head) with rotary.
+  const int64_t blocks = z.batch * rows[1] * z.nheads_k +
+                         (*rotary_dim ? z.batch * z.seqlen_q * z.nheads : 0);
+  if (blocks >= kMaxBlocks) {
+    return Status::Invalid("batch * (seqlen_new * nheads_k + seqlen_q * nheads) must be < 2^31, "
+                           "got q " + ShapeString(in.q.dims) + ", k " + ShapeString(in.k.dims));
   }
   return {};
 }

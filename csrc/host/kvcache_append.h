@@ -52,7 +52,8 @@ struct KVCacheAppendParams {
   bool bf16 = false, interleaved = true, q_per_row = false, dedupe = false;
 };
 
-// One block per new row and per q row (with rotary). Rows must number < 2^31.
+// One block per (new row, K/V head) and per (q row, head) with rotary; the
+// blocks must number < 2^31.
 cudaError_t launch_kvcache_append(const KVCacheAppendParams& a, cudaStream_t stream);
 
 }  // namespace jax_flash

@@ -16,9 +16,12 @@ namespace append_kernel {
 
 constexpr int kThreads = 128;
 
-// The launch's blocks: one per new row, then one per q row with rotary.
+// The launch's blocks: one per (new row, K/V head), then one per (q row,
+// head) with rotary. A block's loads do not wait on one another, so a short
+// append takes a few memory latencies, not a row's worth of them.
 inline int64_t num_blocks(const KVCacheAppendParams& a) {
-  return int64_t(a.batch) * a.seqlen_new + (a.rotary_dim > 0 ? int64_t(a.batch) * a.seqlen_q : 0);
+  return int64_t(a.batch) * a.seqlen_new * a.nheads_k +
+         (a.rotary_dim > 0 ? int64_t(a.batch) * a.seqlen_q * a.nheads : 0);
 }
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -81,11 +84,13 @@ __device__ __forceinline__ T rotated(const KVCacheAppendParams& a, const T* row,
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kvcache_append_kernel(const KVCacheAppendParams a) {
-  const int rows_new = a.batch * a.seqlen_new;
-  const int block = blockIdx.x;
+  const int64_t blocks_new = int64_t(a.batch) * a.seqlen_new * a.nheads_k;
+  const int64_t block = blockIdx.x;
   const bool rotary = a.rotary_dim > 0;
-  if (block < rows_new) {
-    const int r = block, b = r / a.seqlen_new, i = r % a.seqlen_new;
+  if (block < blocks_new) {
+    const int rows_new = a.batch * a.seqlen_new;
+    const int r = static_cast<int>(block / a.nheads_k), h = static_cast<int>(block % a.nheads_k);
+    const int b = r / a.seqlen_new, i = r % a.seqlen_new;
     const int64_t slot = slot_of(a, r);
     if (a.dedupe) {  // a later row writing the same slot wins
       int later = 0;
@@ -101,20 +106,24 @@ __global__ void __launch_bounds__(kThreads) kvcache_append_kernel(const KVCacheA
     const T* v = static_cast<const T*>(a.v) + int64_t(r) * width;
     T* k_dst = static_cast<T*>(a.k_cache) + slot * width;
     T* v_dst = static_cast<T*>(a.v_cache) + slot * width;
-    for (int e = threadIdx.x; e < width; e += kThreads) {
+    for (int e = h * a.head_dim + threadIdx.x; e < (h + 1) * a.head_dim; e += kThreads) {
       k_dst[e] = rotary ? rotated(a, k, e, pos) : k[e];
       v_dst[e] = v[e];
     }
     return;
   }
-  // A q row (rotary only).
-  const int r = block - rows_new, b = r / a.seqlen_q, i = r % a.seqlen_q;
+  // A q row's head (rotary only).
+  const int64_t q_block = block - blocks_new;
+  const int r = static_cast<int>(q_block / a.nheads), h = static_cast<int>(q_block % a.nheads);
+  const int b = r / a.seqlen_q, i = r % a.seqlen_q;
   const int2 start = cache_start(a, b);
   const int pos = clamp(start.x - start.y + (a.q_per_row ? i : 0), 0, a.seqlen_ro - 1);
   const int width = a.nheads * a.head_dim;
   const T* q = static_cast<const T*>(a.q) + int64_t(r) * width;
   T* q_out = static_cast<T*>(a.q_out) + int64_t(r) * width;
-  for (int e = threadIdx.x; e < width; e += kThreads) q_out[e] = rotated(a, q, e, pos);
+  for (int e = h * a.head_dim + threadIdx.x; e < (h + 1) * a.head_dim; e += kThreads) {
+    q_out[e] = rotated(a, q, e, pos);
+  }
 }
 
 }  // namespace append_kernel

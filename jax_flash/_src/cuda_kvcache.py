@@ -55,6 +55,8 @@ APPEND_DEFAULT = False  # whether appends run on the append kernel with APPEND_E
 APPEND_KERNEL_MAX_CHECKED_ROWS = 1024
 # The append kernel's rows and row widths stay below this (csrc/host/kvcache.cc).
 _APPEND_KERNEL_MAX_SIZE = 1 << 29
+# Its launch: a block per (new row, K/V head) and per (q row, head) with rotary.
+_APPEND_KERNEL_MAX_BLOCKS = 1 << 31
 
 
 def _switch(name: str, default: bool) -> bool:
@@ -78,12 +80,16 @@ def append_in_kernel(spec: KVCacheSpec) -> bool:
     """Whether spec's append runs on the append kernel (else in JAX): the
     switch is on, there is something to write, the head dim needs no padding
     (padded caches are copies anyway), the sizes fit the kernel's int
-    offsets, and the duplicate-slot check is small."""
+    offsets and grid, and the duplicate-slot check is small."""
     if not (spec.append and spec.batch and append_enabled()):
         return False
     rows = spec.batch * spec.seqlen_new
     if spec.head_dim % 8 or max(rows, spec.batch * spec.seqlen_q,
                                 spec.nheads * spec.head_dim) >= _APPEND_KERNEL_MAX_SIZE:
+        return False
+    blocks = rows * spec.nheads_k + (spec.batch * spec.seqlen_q * spec.nheads
+                                     if spec.rotary_dim else 0)
+    if blocks >= _APPEND_KERNEL_MAX_BLOCKS:
         return False
     return not (spec.paged or spec.has_batch_idx) or rows <= APPEND_KERNEL_MAX_CHECKED_ROWS
 
