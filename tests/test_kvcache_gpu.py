@@ -173,9 +173,10 @@ def test_adversarial_tables_are_clamped(page_size, num_splits):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 17, 128])
-def test_num_splits_has_no_effect_beyond_rounding(num_splits):
-    skip_if_not_compiled(128)
-    case = make_case(12, batch=2, head_dim=128, heads=HEADS["gqa"], seqlen_q=3,
+@pytest.mark.parametrize("head_dim", [64, 128, 256])  # the combine's columns: < 32, 32, 2 x 32
+def test_num_splits_has_no_effect_beyond_rounding(num_splits, head_dim):
+    skip_if_not_compiled(head_dim)
+    case = make_case(12, batch=2, head_dim=head_dim, heads=HEADS["gqa"], seqlen_q=3,
                      seqlen_cache=5000, page_size=16)
     _check(case, num_splits, window_size=(2000, 0))
     arrays, _ = case
