@@ -18,7 +18,8 @@ keys (8k, 32k, 128k) for batch 1, 8, 32, 64. Kinds of rows:
            (8, pages, page_size, H) layout holding the same bytes)
   append   jax_flash appending one new token with rotary (caches donated, so
            the append is in place and the call carries them on), next to the
-           plain decode of the same shapes
+           plain decode of the same shapes; --append-tokens 1,16 adds rows
+           of 16 query tokens and 16 new keys (speculative decoding)
   prefill  chunked prefill: flash_attn_varlen_func with block_table +
            seqused_k (4 or 16 sequences of 512 or 4096 new tokens against 8k
            or 32k cached keys, pages of 64, causal) next to the same work as
@@ -140,16 +141,17 @@ def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtyp
     raise ValueError(impl)
 
 
-def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats):
-    """Median seconds of one appending decode step with rotary, the caches
+def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats, new_tokens=1):
+    """Median seconds of one appending step with rotary (`new_tokens` query
+    tokens and as many new keys, as in speculative decoding), the caches
     donated and carried from call to call (as a decoding loop does)."""
     q, k_new, v_new, k_cache, v_cache = random_inputs(
-        seed, [(batch, 1, nheads, headdim), (batch, 1, nheads_k, headdim),
-               (batch, 1, nheads_k, headdim), (batch, context, nheads_k, headdim),
+        seed, [(batch, new_tokens, nheads, headdim), (batch, new_tokens, nheads_k, headdim),
+               (batch, new_tokens, nheads_k, headdim), (batch, context, nheads_k, headdim),
                (batch, context, nheads_k, headdim)], dtype)
     angle = jnp.arange(context)[:, None] * jnp.linspace(1e-3, 1, headdim // 2)[None, :]
     cos, sin = jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
-    seqlens = jnp.full((batch,), context - 1, jnp.int32)
+    seqlens = jnp.full((batch,), context - new_tokens, jnp.int32)
 
     def step(k_cache, v_cache, q, k_new, v_new):
         out, k_cache, v_cache = jax_flash.flash_attn_with_kvcache(
@@ -224,6 +226,8 @@ def parse_args():
     p.add_argument("--contexts", default="8192,32768,131072")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--page-sizes", default="16,64,256")
+    p.add_argument("--append-tokens", default="1",
+                   help="new tokens per append row (query tokens too), e.g. 1,16")
     p.add_argument("--nheads", type=int, default=32)
     p.add_argument("--nheads-k", type=int, default=8)
     p.add_argument("--prefill", default="4x512x8192,4x4096x32768,16x512x32768,16x4096x8192",
@@ -242,6 +246,7 @@ def parse_args():
     a.kinds, a.impls = parse_list(a.kinds, str), parse_list(a.impls, str)
     a.headdims, a.contexts = parse_list(a.headdims), parse_list(a.contexts)
     a.batches, a.page_sizes = parse_list(a.batches), parse_list(a.page_sizes)
+    a.append_tokens = parse_list(a.append_tokens)
     a.prefill = [tuple(int(n) for n in c.split("x")) for c in parse_list(a.prefill, str)]
     for k in a.kinds:
         if k not in KINDS:
@@ -257,7 +262,8 @@ def record(result, path, row, fn):
     except Exception as e:  # noqa: BLE001 - record and continue
         row.update(ms=None, error=short_error(e))
     result["rows"].append(row)
-    keys = ("kind", "impl", "batch", "context", "headdim", "page_size", "seqs", "new")
+    keys = ("kind", "impl", "batch", "context", "headdim", "page_size", "new_tokens", "seqs",
+            "new")
     head = " ".join(f"{k}={row[k]}" for k in keys if row.get(k) is not None)
     if row["ms"] is None:
         print(f"{head:70} ERROR {row['error'][:90]}", flush=True)
@@ -320,12 +326,13 @@ def main():
                             row = dict(shape, kind="paged", impl=impl, page_size=page)
                             record(result, path, row, lambda: run_decode_row(
                                 a, impl, batch, context, headdim, page, dtype))
-                if "append" in a.kinds and "jax_flash" in a.impls:
-                    row = dict(shape, kind="append", impl="jax_flash_append_rotary")
+                for n in a.append_tokens if "append" in a.kinds and "jax_flash" in a.impls else ():
+                    row = dict(shape, kind="append", impl="jax_flash_append_rotary",
+                               new_tokens=n)
 
-                    def append_row():
+                    def append_row(n=n):
                         sec = time_append(batch, context, a.nheads, a.nheads_k, headdim, dtype,
-                                          a.seed, a.repeats)
+                                          a.seed, a.repeats, n)
                         return sec, {"gbps": shape["kv_bytes"] / sec / 1e9}
 
                     record(result, path, row, append_row)
@@ -351,12 +358,15 @@ def print_table(rows):
     """Decode GB/s per shape and implementation, and jax_flash / cudnn."""
     decode = [r for r in rows if r["kind"] in ("decode", "paged", "append") and r["ms"]]
     if decode:
-        impls = sorted({(r["kind"], r["impl"], r.get("page_size")) for r in decode},
-                       key=lambda k: (KINDS.index(k[0]), k[1], k[2] or 0))
+        # A column per kind, implementation and page size (paged) or new
+        # tokens (append).
+        impls = sorted({(r["kind"], r["impl"], r.get("page_size") or r.get("new_tokens"))
+                        for r in decode}, key=lambda k: (KINDS.index(k[0]), k[1], k[2] or 0))
         shapes = sorted({(r["headdim"], r["context"], r["batch"]) for r in decode})
-        gb = {(r["headdim"], r["context"], r["batch"], r["kind"], r["impl"], r.get("page_size")):
-              r["gbps"] for r in decode}
-        names = [f"{i}" + (f"/p{p}" if p else "") for _, i, p in impls]
+        gb = {(r["headdim"], r["context"], r["batch"], r["kind"], r["impl"],
+               r.get("page_size") or r.get("new_tokens")): r["gbps"] for r in decode}
+        names = [i.replace("jax_flash_append_rotary", "jf_append")
+                 + (f"/{'p' if k == 'paged' else 't'}{n}" if n else "") for k, i, n in impls]
         print("\nGB/s of K/V read (median)\n" + f"{'d':>4} {'context':>7} {'batch':>5} "
               + " ".join(f"{n[:14]:>14}" for n in names) + f" {'jf/cudnn':>9}")
         for d, c, b in shapes:
