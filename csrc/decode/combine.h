@@ -28,14 +28,20 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// A block per row: every warp computes the row's lse (the splits spread over
-// its lanes), then warp w sums the outputs of splits w, w + kCombineWarps,
-// ..., and the warps' sums are added through shared memory. Splits are many
-// when rows are few (batch 1: 32 rows and 33 splits on an H100), so the
-// loads of one row must be in flight together, not one after another.
-constexpr int kCombineWarps = 4;
+// A block per row. Lane j of every warp loads the LSEs of splits
+// kCombineWarps * j ... kCombineWarps * j + kCombineWarps - 1 once, into
+// registers, so the row's max, sum and each split's weight come from one
+// round of loads. Warp w then sums the outputs of splits w, w + kCombineWarps,
+// ... (lane j holds split w + kCombineWarps * j's weight: the register of
+// index w), and the warps' sums are added through shared memory. Splits are
+// many when rows are few (batch 1: 32 rows and 33 splits on an H100), so the
+// loads of one row must be in flight together, not one after another: two
+// rounds of loads per row (the LSEs, then the partial outputs).
+constexpr int kCombineWarps = 8;
 constexpr int kCombineMaxHeadDim = 256;  // the largest compiled head dim
-static_assert(kMaxSplits <= 32 * kCombineWarps, "a lane holds one split's weight");
+constexpr int kSplitsPerWarp = kMaxSplits / kCombineWarps;
+static_assert(kMaxSplits % kCombineWarps == 0 && kSplitsPerWarp <= 32,
+              "lane j of warp w holds split w + kCombineWarps * j's LSE and weight");
 
 // Grid: batch * nheads * seqlen_q blocks of 32 * kCombineWarps threads. Row
 // index = (b * nheads + h) * seqlen_q + i, lse's layout.
@@ -48,41 +54,53 @@ __global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(
   const int64_t row = blockIdx.x;
   const float* lse_s = p.lse_accum_ptr + row;  // split s at lse_s[s * rows]
 
+  float split_lse[kCombineWarps];
   float max = -INFINITY;
-  for (int s = lane; s < p.num_splits; s += 32) max = fmaxf(max, lse_s[s * rows]);
+#pragma unroll
+  for (int k = 0; k < kCombineWarps; ++k) {
+    const int s = kCombineWarps * lane + k;
+    split_lse[k] = s < p.num_splits ? lse_s[s * rows] : -INFINITY;
+    max = fmaxf(max, split_lse[k]);
+  }
   max = warp_max(max);
   float lse = INFINITY;  // no visible key
+  float mine = -INFINITY;  // this lane's split of this warp: kCombineWarps * lane + warp
   if (max != -INFINITY) {
     float sum = 0.f;
-    for (int s = lane; s < p.num_splits; s += 32) sum += expf(lse_s[s * rows] - max);
+#pragma unroll
+    for (int k = 0; k < kCombineWarps; ++k) {
+      sum += expf(split_lse[k] - max);  // exp(-inf) = 0 for splits past the last
+      if (k == warp) mine = split_lse[k];
+    }
     lse = max + logf(warp_sum(sum));  // sum >= 1: the max's own term
   }
+  const float weight = expf(mine - lse);  // 0 when mine = -inf; lse = inf only with mine = -inf
 
-  // Lane j of warp w holds the weight of split w + kCombineWarps * j, so that
-  // the loop below issues its loads without waiting on one another.
-  const int split = warp + kCombineWarps * lane;
-  const float weight =
-      lse != INFINITY && split < p.num_splits ? expf(lse_s[split * rows] - lse) : 0.f;
-  const int warp_splits = (p.num_splits - warp + kCombineWarps - 1) / kCombineWarps;
   const int chunks = p.head_dim / 4;  // float4 columns; head_dim is a multiple of 8
   for (int c0 = 0; c0 < chunks; c0 += 32) {  // every lane runs the loop: the shuffles
     const int c = c0 + lane;
+    // All of this warp's loads are issued before the first is used: a fixed
+    // count, predicated, rather than a loop over the row's splits.
+    float4 part[kSplitsPerWarp];
+    float w[kSplitsPerWarp];
+#pragma unroll
+    for (int j = 0; j < kSplitsPerWarp; ++j) {
+      w[j] = __shfl_sync(0xffffffffu, weight, j);
+      // Empty splits (w = 0: splits past the last, often most of them for
+      // short sequences in a long cache, and every split of a row without
+      // keys) are skipped without reading their rows.
+      const int64_t s = warp + kCombineWarps * j;
+      part[j] = w[j] != 0.f && c < chunks
+                    ? reinterpret_cast<const float4*>(p.o_accum_ptr + (s * rows + row) * p.head_dim)[c]
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int j = 0; j < warp_splits; ++j) {
-      const float w = __shfl_sync(0xffffffffu, weight, j);
-      // Empty splits (w = 0, often most of them for short sequences in a
-      // long cache, and every split of a row without keys) are skipped
-      // without reading their rows.
-      if (w != 0.f && c < chunks) {
-        const int64_t s = warp + kCombineWarps * j;
-        const float4 part =
-            reinterpret_cast<const float4*>(p.o_accum_ptr + (s * rows + row) * p.head_dim)[c];
-        o.x += w * part.x;
-        o.y += w * part.y;
-        o.z += w * part.z;
-        o.w += w * part.w;
-      }
+#pragma unroll
+    for (int j = 0; j < kSplitsPerWarp; ++j) {
+      o.x += w[j] * part[j].x;
+      o.y += w[j] * part[j].y;
+      o.z += w[j] * part[j].z;
+      o.w += w[j] * part[j].w;
     }
     if (c < chunks) warp_sums[warp][c] = o;
   }
