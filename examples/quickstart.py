@@ -5,6 +5,7 @@ check then tests the public API's plumbing, not a kernel)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jax_flash
 
@@ -26,7 +27,10 @@ v = jax.random.normal(kv, (batch, seqlen, nheads_k, head_dim), jnp.bfloat16)
 
 attn = jax.jit(lambda q, k, v: jax_flash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True))
 out, lse, _ = attn(q, k, v)
-ref, ref_lse = jax_flash.reference.attention_ref(q, k, v, causal=True)
+# The reference under jit too: run eagerly it is dozens of small programs,
+# each compiled on its own (slow on a GPU).
+ref, ref_lse = jax.jit(lambda q, k, v: jax_flash.reference.attention_ref(q, k, v, causal=True))(
+    q, k, v)
 
 err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
 print(f"out {out.shape} {out.dtype}, lse {lse.shape}; max |out - reference| = {err:.3e} "
@@ -41,8 +45,9 @@ mask = jnp.arange(seqlen)[None, :] < jnp.array([[600], [1000]])
 varlen = jax.jit(lambda q, k, v, cu: jax_flash.flash_attn_varlen_func(
     q, k, v, cu, cu, max_len, max_len, causal=True))
 out_p = varlen(q_p, k_p, v_p, cu_seqlens)
-ref_p, _ = jax_flash.reference.attention_varlen_ref(q_p, k_p, v_p, cu_seqlens, cu_seqlens,
-                                                    causal=True)
+cu_host = np.asarray(cu_seqlens)  # the varlen reference slices by concrete lengths
+ref_p, _ = jax.jit(lambda q, k, v: jax_flash.reference.attention_varlen_ref(
+    q, k, v, cu_host, cu_host, causal=True))(q_p, k_p, v_p)
 err_p = float(jnp.max(jnp.abs(out_p.astype(jnp.float32) - ref_p.astype(jnp.float32))))
 out_padded = jax_flash.pad_input(out_p, indices, batch, seqlen)
 print(f"varlen: {len(cu_seqlens) - 1} sequences, {out_p.shape[0]} tokens, padded back to "
