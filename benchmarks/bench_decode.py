@@ -358,13 +358,13 @@ def print_table(rows):
     """Decode GB/s per shape and implementation, and jax_flash / cudnn."""
     decode = [r for r in rows if r["kind"] in ("decode", "paged", "append") and r["ms"]]
     if decode:
-        # A column per kind, implementation and page size (paged) or new
-        # tokens (append).
-        impls = sorted({(r["kind"], r["impl"], r.get("page_size") or r.get("new_tokens"))
-                        for r in decode}, key=lambda k: (KINDS.index(k[0]), k[1], k[2] or 0))
+        def column(r):  # kind, implementation, page size (paged) or new tokens (append)
+            return r["kind"], r["impl"], r.get("page_size") or r.get("new_tokens")
+
+        impls = sorted({column(r) for r in decode},
+                       key=lambda k: (KINDS.index(k[0]), k[1], k[2] or 0))
         shapes = sorted({(r["headdim"], r["context"], r["batch"]) for r in decode})
-        gb = {(r["headdim"], r["context"], r["batch"], r["kind"], r["impl"],
-               r.get("page_size") or r.get("new_tokens")): r["gbps"] for r in decode}
+        gb = {(r["headdim"], r["context"], r["batch"]) + column(r): r["gbps"] for r in decode}
         names = [i.replace("jax_flash_append_rotary", "jf_append")
                  + (f"/{'p' if k == 'paged' else 't'}{n}" if n else "") for k, i, n in impls]
         print("\nGB/s of K/V read (median)\n" + f"{'d':>4} {'context':>7} {'batch':>5} "
