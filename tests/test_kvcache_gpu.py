@@ -203,6 +203,27 @@ def test_head_dims_padded_to_8(head_dim):
                      seqlen_new=1), 0)
 
 
+@pytest.mark.parametrize("fold", ["1", "0"])
+@pytest.mark.parametrize("head_dim,heads,seqlen_q,page_size", [
+    (64, (32, 8), 1, 0), (64, (8, 8), 2, 16), (32, (32, 8), 1, 0), (32, (16, 16), 3, 48)])
+def test_folded_heads(monkeypatch, fold, head_dim, heads, seqlen_q, page_size):
+    # Head dims 32 and 64 run on the d=128 kernel with K/V heads folded
+    # (JAX_FLASH_KVCACHE_FOLD, read at trace time) or on their own.
+    skip_if_not_compiled(head_dim)
+    skip_if_not_compiled(128)
+    monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, fold)
+    jax.clear_caches()
+    try:
+        case = make_case(17, head_dim=head_dim, heads=heads, seqlen_q=seqlen_q, seqlen_cache=300,
+                         page_size=page_size, seqlen_new=1, alibi=True)
+        text = jax.jit(lambda a: jax_flash.flash_attn_with_kvcache(**a)).lower(case[0]).as_text()
+        assert ("x128xbf16>" in text) == (fold == "1")
+        for num_splits in (0, 1, 3):
+            _check(case, num_splits, causal=True)
+    finally:
+        jax.clear_caches()
+
+
 def test_no_visible_key_gives_zero_and_inf():
     skip_if_not_compiled(64)
     arrays, _ = make_case(15, batch=2, head_dim=64, seqlen_cache=128)

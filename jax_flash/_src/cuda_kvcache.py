@@ -23,6 +23,16 @@ cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin) ->
 (q_out, k_cache, v_cache), attributes paged, rotary_interleaved,
 rotary_q_per_row (bools); q_out is empty without rotary.
 
+Head dims 32 and 64 with several K/V heads run folded: f = 128 / head_dim
+neighbouring K/V heads are read as one head of dim 128 (a free reshape of
+the caches, whose rows hold the heads side by side), and each query head
+is widened to 128 with zeros outside its K/V head's columns, so q.k sees
+only its own head; of the output's 128 columns each head keeps its own. A
+K/V tile row is then 256 contiguous bytes instead of 64 or 128, and the
+d=128 kernel serves the call (`fold_factor` says when). One consequence: a
+NaN or inf in a visible key of one head reaches the heads folded with it
+(0 * inf); visible keys are expected to be finite.
+
 Switches (environment variables, read when a call is traced):
 JAX_FLASH_KVCACHE_KERNELS="1" selects the decode kernels, "0" the plain-JAX
 reference, unset DEFAULT (on: the kernels pass the GPU tests and
@@ -31,16 +41,20 @@ initcheck on the shared-memory layout before entry 38's;
 notes/kernel_experiments.md, entries 36-38). JAX_FLASH_KVCACHE_APPEND="1"
 runs appends on the append kernel, "0" in JAX, unset APPEND_DEFAULT (off
 until the kernel has passed the GPU tests; notes entry 39).
+JAX_FLASH_KVCACHE_FOLD="1" folds K/V heads where `fold_factor` allows, "0"
+never, unset FOLD_DEFAULT.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flash._src import extension
 from jax_flash._src import kvcache_ref
 from jax_flash._src import plan as plan_lib
 from jax_flash._src.kvcache import KVCacheOperands, KVCacheSpec
@@ -49,6 +63,10 @@ ENV_VAR = "JAX_FLASH_KVCACHE_KERNELS"
 DEFAULT = True  # whether the kernels serve kv-cache calls with ENV_VAR unset
 APPEND_ENV_VAR = "JAX_FLASH_KVCACHE_APPEND"
 APPEND_DEFAULT = False  # whether appends run on the append kernel with APPEND_ENV_VAR unset
+FOLD_ENV_VAR = "JAX_FLASH_KVCACHE_FOLD"
+FOLD_DEFAULT = True  # whether head dims 32 and 64 run folded with FOLD_ENV_VAR unset
+_FOLD_DIM = 128  # the head dim a folded call runs at
+_NARROW_ROWS = 16  # query rows of the narrow decode tile (csrc/decode/tile.h kNarrowRows)
 # Where two new rows may share a slot (cache_batch_idx, block_table), each
 # of the append kernel's rows compares its slot with every later row's: up
 # to this many rows in all; beyond, the append runs in JAX (a sort).
@@ -74,6 +92,62 @@ def append_enabled() -> bool:
     """Whether appends may run on the append kernel: APPEND_ENV_VAR "1" yes,
     "0" no, unset APPEND_DEFAULT."""
     return _switch(APPEND_ENV_VAR, APPEND_DEFAULT)
+
+
+def fold_factor(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None) -> int:
+    """K/V heads the decode kernel reads as one (1: none): 128 / head_dim
+    for head dims 32 and 64 when the switch is on, the K/V heads divide by
+    it, the folded query rows (fold x query heads per K/V head x seqlen_q)
+    still fit the narrow tile (beyond it the extra columns cost MMA work
+    where the kernel is no longer bound by its reads), and a d=128 kernel
+    is compiled (`compiled`: the build's head dims, asked when None)."""
+    if spec.head_dim not in (32, 64) or not _switch(FOLD_ENV_VAR, FOLD_DEFAULT):
+        return 1
+    fold = _FOLD_DIM // spec.head_dim
+    rows = fold * spec.nheads // spec.nheads_k * spec.seqlen_q
+    if spec.nheads_k % fold or rows > _NARROW_ROWS:
+        return 1
+    if _FOLD_DIM not in (extension.compiled_head_dims() if compiled is None else compiled):
+        return 1
+    return fold
+
+
+def fold_spec(spec: KVCacheSpec, fold: int) -> KVCacheSpec:
+    """The spec the kernel sees: fold K/V heads as one, head dim x fold."""
+    if fold == 1:
+        return spec
+    return dataclasses.replace(spec, nheads_k=spec.nheads_k // fold,
+                               head_dim=spec.head_dim * fold)
+
+
+def fold_q(q, fold: int, nheads_k: int):
+    """(b, s, nheads, d) -> (b, s, nheads, fold * d): query head i of K/V
+    head k keeps its values in column block k % fold, zeros elsewhere."""
+    if fold == 1:
+        return q
+    b, s, nheads, d = q.shape
+    x = q.reshape(b, s, nheads_k // fold, fold, nheads // nheads_k, 1, d)
+    own = np.eye(fold, dtype=bool)[:, None, :, None]  # (fold, 1, fold, 1): k % fold == block
+    return jnp.where(own, x, jnp.zeros((), q.dtype)).reshape(b, s, nheads, fold * d)
+
+
+def fold_cache(cache, fold: int):
+    """(rows, slots, nheads_k, d) -> (rows, slots, nheads_k / fold, fold * d), a reshape."""
+    if fold == 1:
+        return cache
+    rows, slots, nheads_k, d = cache.shape
+    return cache.reshape(rows, slots, nheads_k // fold, fold * d)
+
+
+def unfold_out(out, fold: int, nheads_k: int):
+    """(b, s, nheads, fold * d) -> (b, s, nheads, d): each head's own block."""
+    if fold == 1:
+        return out
+    b, s, nheads, width = out.shape
+    d = width // fold
+    x = out.reshape(b, s, nheads_k // fold, fold, nheads // nheads_k, fold, d)
+    x = jnp.diagonal(x, axis1=3, axis2=5)  # (b, s, nheads_k / fold, group, d, fold)
+    return jnp.moveaxis(x, -1, 3).reshape(b, s, nheads, d)
 
 
 def append_in_kernel(spec: KVCacheSpec) -> bool:
@@ -133,8 +207,12 @@ def forward(spec: KVCacheSpec, xs, operands: KVCacheOperands):
         q, k_cache, v_cache = _append_kernel(spec, tuple(jnp.asarray(x) for x in xs), operands)
     else:
         q, k_cache, v_cache = kvcache_ref.update(spec, xs, operands)
-    plan = plan_lib.kvcache_plan(spec)
-    q_in, k_in, v_in = _pad_head_dim(plan.head_dim_padded, q, k_cache, v_cache)
+    fold = fold_factor(spec)
+    kernel_spec = fold_spec(spec, fold)
+    plan = plan_lib.kvcache_plan(kernel_spec)
+    q_in, k_in, v_in = _pad_head_dim(
+        plan.head_dim_padded, fold_q(q, fold, spec.nheads_k), fold_cache(k_cache, fold),
+        fold_cache(v_cache, fold))
     out_types = (
         jax.ShapeDtypeStruct(q_in.shape, q_in.dtype),  # out
         jax.ShapeDtypeStruct((spec.batch, spec.nheads, spec.seqlen_q), jnp.float32),  # lse
@@ -152,4 +230,5 @@ def forward(spec: KVCacheSpec, xs, operands: KVCacheOperands):
         seqlen_new=np.int32(spec.seqlen_new),
         paged=bool(spec.paged),
     )
-    return out[..., :spec.head_dim], lse, k_cache, v_cache
+    out = unfold_out(out[..., :kernel_spec.head_dim], fold, spec.nheads_k)
+    return out, lse, k_cache, v_cache

@@ -1,0 +1,98 @@
+"""Folded K/V heads (jax_flash/_src/cuda_kvcache.py): when head dims 32 and
+64 run as one head of dim 128, and that the folding is exact: the reference
+run on folded q and caches, then unfolded, gives the reference's own result.
+On CPU; tests/test_kvcache_gpu.py runs the kernels folded and not."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_flash._src import cuda_kvcache
+from jax_flash._src import kvcache as kvcache_lib
+from jax_flash._src import kvcache_ref
+
+from kvcache_cases import make_case
+
+BUILD = (32, 64, 128, 256)  # head dims of a build, for fold_factor
+
+
+def _spec(**kw):
+    base = dict(batch=2, seqlen_q=1, nheads=32, nheads_k=8, head_dim=64, dtype="bfloat16",
+                seqlen_cache=256, batch_cache=2, softmax_scale=0.125)
+    return kvcache_lib.KVCacheSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw,fold", [
+    (dict(), 2),                                   # GQA 4: 8 folded rows
+    (dict(seqlen_q=2), 2),                         # 16 rows: still the narrow tile
+    (dict(seqlen_q=3), 1),                         # 24 rows: not
+    (dict(head_dim=32), 4),                        # 16 rows
+    (dict(head_dim=32, nheads=8, nheads_k=8, seqlen_q=3), 4),
+    (dict(head_dim=32, nheads=12, nheads_k=6), 1),  # 6 K/V heads: no group of 4
+    (dict(nheads=16, nheads_k=1), 1),              # MQA: nothing to fold with
+    (dict(head_dim=128), 1),
+    (dict(head_dim=96), 1),
+    (dict(head_dim=40), 1),
+    (dict(paged=True, page_size=16), 2),
+])
+def test_fold_factor(monkeypatch, kw, fold):
+    monkeypatch.delenv(cuda_kvcache.FOLD_ENV_VAR, raising=False)
+    spec = _spec(**kw)
+    assert cuda_kvcache.fold_factor(spec, BUILD) == (fold if cuda_kvcache.FOLD_DEFAULT else 1)
+    monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, "1")
+    assert cuda_kvcache.fold_factor(spec, BUILD) == fold
+    assert cuda_kvcache.fold_factor(spec, (32, 64, 256)) == 1  # no d=128 kernel to run on
+    folded = cuda_kvcache.fold_spec(spec, fold)
+    assert (folded.nheads_k * fold, folded.head_dim) == (spec.nheads_k, spec.head_dim * fold)
+    monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, "0")
+    assert cuda_kvcache.fold_factor(spec, BUILD) == 1
+
+
+def test_fold_q_and_unfold_out_place_each_head():
+    # Head i of K/V head k keeps its values in column block k % fold; the
+    # output's block k % fold comes back as head i's output.
+    b, s, nheads, nheads_k, d, fold = 2, 3, 8, 4, 4, 2
+    q = jnp.arange(b * s * nheads * d, dtype=jnp.float32).reshape(b, s, nheads, d) + 1
+    wide = np.asarray(cuda_kvcache.fold_q(q, fold, nheads_k))
+    group = nheads // nheads_k
+    for head in range(nheads):
+        block = (head // group) % fold
+        np.testing.assert_array_equal(wide[:, :, head, block * d:(block + 1) * d], q[:, :, head])
+        others = np.delete(wide[:, :, head].reshape(b, s, fold, d), block, axis=2)
+        assert (others == 0).all()
+    np.testing.assert_array_equal(cuda_kvcache.unfold_out(wide, fold, nheads_k), q)
+
+
+CASES = [
+    dict(head_dim=64, heads=(32, 8)),
+    dict(head_dim=64, heads=(8, 8), seqlen_q=3, alibi=True),
+    dict(head_dim=32, heads=(16, 4), page_size=16),
+    dict(head_dim=32, heads=(8, 8), leftpad=True, batch_idx=True),
+    dict(head_dim=64, heads=(16, 4), seqlen_q=2, page_size=7, seqlen_new=2, rotary=(32, False)),
+]
+OPTS = [dict(), dict(causal=True), dict(window_size=(20, 0), softcap=5.0)]
+
+
+@pytest.mark.parametrize("opts", OPTS, ids=["plain", "causal", "window-softcap"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_folded_reference_equals_reference(case, opts):
+    arrays, statics = make_case(7, dtype=jnp.float16, seqlen_cache=90, **case)
+    spec, ops = kvcache_lib.bind(**arrays, **statics, **opts, return_softmax_lse=True)
+    xs = tuple(arrays.get(n) for n in ("q", "k_cache", "v_cache", "k", "v"))
+    q, k_cache, v_cache = kvcache_ref.update(spec, xs, ops)
+    out, lse = kvcache_ref.attend(spec, q, k_cache, v_cache, ops)
+
+    fold = 128 // spec.head_dim
+    folded = cuda_kvcache.fold_spec(spec, fold)
+    out_f, lse_f = kvcache_ref.attend(
+        folded, cuda_kvcache.fold_q(q, fold, spec.nheads_k),
+        cuda_kvcache.fold_cache(k_cache, fold), cuda_kvcache.fold_cache(v_cache, fold), ops)
+    out_f = cuda_kvcache.unfold_out(out_f, fold, spec.nheads_k)
+    # The same sums with zeros added: equal up to float32 summation order,
+    # then one rounding to float16.
+    np.testing.assert_allclose(np.asarray(out_f, np.float32), np.asarray(out, np.float32),
+                               atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(lse_f), np.asarray(lse), atol=1e-5, rtol=1e-5)
+    assert dataclasses.replace(folded, nheads_k=spec.nheads_k, head_dim=spec.head_dim) == spec
