@@ -5,6 +5,7 @@ On CPU; tests/test_kvcache_gpu.py runs the kernels folded and not."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,6 +64,12 @@ def test_fold_q_and_unfold_out_place_each_head():
         others = np.delete(wide[:, :, head].reshape(b, s, fold, d), block, axis=2)
         assert (others == 0).all()
     np.testing.assert_array_equal(cuda_kvcache.unfold_out(wide, fold, nheads_k), q)
+    # Traced without constants: the kernel call runs inside custom_partitioning,
+    # whose body may close over none.
+    for fn in (lambda x: cuda_kvcache.fold_q(x, fold, nheads_k),
+               lambda x: cuda_kvcache.unfold_out(cuda_kvcache.fold_q(x, fold, nheads_k), fold,
+                                                 nheads_k)):
+        assert not jax.make_jaxpr(fn)(q).consts
 
 
 CASES = [

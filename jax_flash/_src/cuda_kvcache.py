@@ -127,7 +127,10 @@ def fold_q(q, fold: int, nheads_k: int):
         return q
     b, s, nheads, d = q.shape
     x = q.reshape(b, s, nheads_k // fold, fold, nheads // nheads_k, 1, d)
-    own = np.eye(fold, dtype=bool)[:, None, :, None]  # (fold, 1, fold, 1): k % fold == block
+    # (fold, 1, fold, 1): k % fold == block. Traced, not a NumPy constant:
+    # the kernel call's custom_partitioning body may close over none.
+    iota = lambda axis: jax.lax.broadcasted_iota(jnp.int32, (fold, 1, fold, 1), axis)
+    own = iota(0) == iota(2)
     return jnp.where(own, x, jnp.zeros((), q.dtype)).reshape(b, s, nheads, fold * d)
 
 
