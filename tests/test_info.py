@@ -45,6 +45,7 @@ def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
     monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
     monkeypatch.delenv("JAX_FLASH_FORCE_VARIANT", raising=False)
     monkeypatch.delenv("JAX_FLASH_KVCACHE_APPEND", raising=False)
+    monkeypatch.delenv("JAX_FLASH_KVCACHE_FOLD", raising=False)
     d = jax_flash.info()
     assert d["kvcache_path"] == info_lib.REFERENCE_PATH
     assert d["settings"] == ["JAX_FLASH_KVCACHE_KERNELS=0"]
@@ -54,6 +55,9 @@ def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
     monkeypatch.setenv("JAX_FLASH_KVCACHE_APPEND", "1")
     assert jax_flash.info()["settings"] == ["JAX_FLASH_KVCACHE_KERNELS=1",
                                             "JAX_FLASH_KVCACHE_APPEND=1"]
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_FOLD", "1")
+    assert jax_flash.info()["settings"][-1] == "JAX_FLASH_KVCACHE_FOLD=1"
+    monkeypatch.delenv("JAX_FLASH_KVCACHE_FOLD")
     monkeypatch.delenv("JAX_FLASH_KVCACHE_APPEND")
     monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS")
     assert "settings" not in jax_flash.info()

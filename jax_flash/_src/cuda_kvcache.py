@@ -42,7 +42,8 @@ notes/kernel_experiments.md, entries 36-38). JAX_FLASH_KVCACHE_APPEND="1"
 runs appends on the append kernel, "0" in JAX, unset APPEND_DEFAULT (off
 until the kernel has passed the GPU tests; notes entry 39).
 JAX_FLASH_KVCACHE_FOLD="1" folds K/V heads where `fold_factor` allows, "0"
-never, unset FOLD_DEFAULT.
+never, unset FOLD_DEFAULT (off until its speed is measured against the
+unfolded kernels; notes entry 44).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ DEFAULT = True  # whether the kernels serve kv-cache calls with ENV_VAR unset
 APPEND_ENV_VAR = "JAX_FLASH_KVCACHE_APPEND"
 APPEND_DEFAULT = False  # whether appends run on the append kernel with APPEND_ENV_VAR unset
 FOLD_ENV_VAR = "JAX_FLASH_KVCACHE_FOLD"
-FOLD_DEFAULT = True  # whether head dims 32 and 64 run folded with FOLD_ENV_VAR unset
+FOLD_DEFAULT = False  # whether head dims 32 and 64 run folded with FOLD_ENV_VAR unset
 _FOLD_DIM = 128  # the head dim a folded call runs at
 _NARROW_ROWS = 16  # query rows of the narrow decode tile (csrc/decode/tile.h kNarrowRows)
 # Where two new rows may share a slot (cache_batch_idx, block_table), each
