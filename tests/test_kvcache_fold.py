@@ -51,6 +51,36 @@ def test_fold_factor(monkeypatch, kw, fold):
     assert cuda_kvcache.fold_factor(spec, BUILD) == 1
 
 
+@pytest.mark.parametrize("num_splits,auto,folded_splits", [
+    (0, 1, 1),     # batch 32+: the unfolded call's one split
+    (0, 4, 4),     # batch 8 at 32k: its four
+    (0, 33, None),  # batch 1 at 128k: too many splits to fold
+    (3, None, 3),  # asked for: kept, nothing to choose
+    (8, None, None),
+])
+def test_folded_calls_split_as_unfolded_ones(monkeypatch, num_splits, auto, folded_splits):
+    monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, "1")
+    spec = _spec(num_splits=num_splits)
+    asked = []
+
+    def auto_splits(s):
+        asked.append(s)
+        return auto
+
+    kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD, auto_splits)
+    assert len(asked) == (num_splits == 0)
+    if asked:  # the unfolded problem: the original spec
+        assert asked[0] == spec
+    if folded_splits is None:
+        assert (kernel_spec, fold) == (spec, 1)
+    else:
+        assert fold == 2
+        assert kernel_spec == dataclasses.replace(cuda_kvcache.fold_spec(spec, 2),
+                                                  num_splits=folded_splits)
+    monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, "0")
+    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, auto_splits) == (spec, 1)
+
+
 def test_fold_q_and_unfold_out_place_each_head():
     # Head i of K/V head k keeps its values in column block k % fold; the
     # output's block k % fold comes back as head i's output.

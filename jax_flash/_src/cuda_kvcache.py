@@ -65,9 +65,10 @@ DEFAULT = True  # whether the kernels serve kv-cache calls with ENV_VAR unset
 APPEND_ENV_VAR = "JAX_FLASH_KVCACHE_APPEND"
 APPEND_DEFAULT = False  # whether appends run on the append kernel with APPEND_ENV_VAR unset
 FOLD_ENV_VAR = "JAX_FLASH_KVCACHE_FOLD"
-FOLD_DEFAULT = False  # whether head dims 32 and 64 run folded with FOLD_ENV_VAR unset
+FOLD_DEFAULT = True  # whether head dims 32 and 64 run folded with FOLD_ENV_VAR unset
 _FOLD_DIM = 128  # the head dim a folded call runs at
 _NARROW_ROWS = 16  # query rows of the narrow decode tile (csrc/decode/tile.h kNarrowRows)
+_FOLD_MAX_SPLITS = 4  # the most splits a folded call takes (kernel_spec_and_fold)
 # Where two new rows may share a slot (cache_batch_idx, block_table), each
 # of the append kernel's rows compares its slot with every later row's: up
 # to this many rows in all; beyond, the append runs in JAX (a sort).
@@ -154,6 +155,30 @@ def unfold_out(out, fold: int, nheads_k: int):
     return jnp.moveaxis(x, -1, 3).reshape(b, s, nheads, d)
 
 
+def _unfolded_auto_splits(spec: KVCacheSpec) -> int:
+    """The split count the plan picks for spec's K/V heads on the d=128 tile."""
+    return plan_lib.kvcache_plan(dataclasses.replace(spec, head_dim=_FOLD_DIM)).num_splits
+
+
+def kernel_spec_and_fold(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None,
+                         auto_splits=_unfolded_auto_splits) -> tuple[KVCacheSpec, int]:
+    """The spec the decode kernel runs and its fold factor (fold_factor).
+
+    A folded call splits as the unfolded one would (`auto_splits(spec)` for
+    num_splits 0): the plan's cost model counts tiles, and a folded tile
+    reads twice the bytes, so on the folded heads it would split too
+    finely. Past _FOLD_MAX_SPLITS splits (on an H100 with 8 K/V heads:
+    fewer than 8 sequences) the folded blocks are too few and too short to
+    beat the unfolded call, which then runs instead (notes, entry 45)."""
+    fold = fold_factor(spec, compiled)
+    if fold == 1:
+        return spec, 1
+    splits = spec.num_splits or auto_splits(spec)
+    if splits > _FOLD_MAX_SPLITS:
+        return spec, 1
+    return fold_spec(dataclasses.replace(spec, num_splits=splits), fold), fold
+
+
 def append_in_kernel(spec: KVCacheSpec) -> bool:
     """Whether spec's append runs on the append kernel (else in JAX): the
     switch is on, there is something to write, the head dim needs no padding
@@ -211,8 +236,7 @@ def forward(spec: KVCacheSpec, xs, operands: KVCacheOperands):
         q, k_cache, v_cache = _append_kernel(spec, tuple(jnp.asarray(x) for x in xs), operands)
     else:
         q, k_cache, v_cache = kvcache_ref.update(spec, xs, operands)
-    fold = fold_factor(spec)
-    kernel_spec = fold_spec(spec, fold)
+    kernel_spec, fold = kernel_spec_and_fold(spec)
     plan = plan_lib.kvcache_plan(kernel_spec)
     q_in, k_in, v_in = _pad_head_dim(
         plan.head_dim_padded, fold_q(q, fold, spec.nheads_k), fold_cache(k_cache, fold),
