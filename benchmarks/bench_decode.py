@@ -32,7 +32,14 @@ report TFLOP/s of the useful causal work (4 * headdim * nheads * sum over
 queries of the keys each sees).
 
 Timing and output follow bench_attention.py: jitted, warmed up, median of
-`--repeats` samples of back-to-back calls; an implementation that raises
+`--repeats` samples of back-to-back calls. Decode and paged rows (not the
+reference) time `--chain` steps (default 8) in one executable, each step's
+output the next step's query: a decode call takes 15-150 us, about what
+dispatching a jitted call from Python costs, so one call per dispatch
+times the host as much as the kernel. The chained steps rotate through
+copies of K/V (other draws) totalling at least 256 MB, so no step finds its
+K/V still in the L2 cache. `--chain 1` times one call per dispatch, as the
+rows of 2026-12-06 and before were. An implementation that raises
 (unsupported shape, OOM, import error) gets a row with ms=None and the
 reason; rows go to benchmarks/results/<gpu>_<date>_decode[_tag].json after
 every configuration.
@@ -69,6 +76,10 @@ IMPLS = ("jax_flash", "jax_flash_ref", "cudnn", "xla", "pallas_gqa", "pallas_pag
 # The reference gathers the whole cache and materialises the scores: past
 # this many K/V bytes it is skipped (recorded), not run out of memory.
 REF_MAX_BYTES = 8 << 30
+# Chained rows (--chain) rotate through K/V copies of at least this many
+# bytes together, and at most this many copies.
+ROTATE_BYTES = 256 << 20
+MAX_COPIES = 8
 
 
 def kv_bytes(batch, context, nheads_k, headdim, itemsize=2):
@@ -237,6 +248,9 @@ def parse_args():
     p.add_argument("--prefill", default="4x512x8192,4x4096x32768,16x512x32768,16x4096x8192",
                    help="sequences x new tokens x cached keys, comma separated")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--chain", type=int, default=8,
+                   help="decode and paged rows: steps per timed executable (1: one call per "
+                        "dispatch, as the other benchmarks time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--tag", default="")
@@ -285,6 +299,30 @@ def bandwidth(fn, sets, nbytes, repeats):
     return sec, {"gbps": nbytes / sec / 1e9}
 
 
+def kv_copies(nbytes):
+    """How many K/V sets a chained row rotates through: enough that no
+    step's K/V is still in the L2 cache (50 MB on H100 and H200) from the
+    last time it was read."""
+    return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // nbytes)))
+
+
+def chained_bandwidth(fn, sets, nbytes, repeats, steps):
+    """Per-step time of `steps` decode steps in one executable, each step's
+    output the next one's query and its K/V the next of `sets`' copies: the
+    device's time per step, without a host dispatch per call."""
+    q = sets[0][0]
+    kvs = [x for _, k, v in sets for x in (k, v)]
+
+    def run(q, *kvs):
+        for i in range(steps):
+            j = i % len(sets)
+            q = fn(q, kvs[2 * j], kvs[2 * j + 1]).astype(q.dtype)
+        return q
+
+    sec = time_jax(jax.jit(run), [(q, *kvs)], repeats) / steps
+    return sec, {"gbps": nbytes / sec / 1e9, "chain": steps, "kv_copies": len(sets)}
+
+
 def run_decode_row(a, impl, batch, context, headdim, page_size, dtype):
     nbytes = kv_bytes(batch, context, a.nheads_k, headdim)
     if impl == "jax_flash_ref" and nbytes > REF_MAX_BYTES:
@@ -298,7 +336,12 @@ def run_decode_row(a, impl, batch, context, headdim, page_size, dtype):
         # The kernels must serve it, not the reference.
         if "jax_flash_kvcache_fwd" not in jax.jit(fn).lower(*sets[0]).as_text():
             raise RuntimeError("the decode kernels did not run")
-    return bandwidth(fn, sets, nbytes, a.repeats)
+    if a.chain == 1:
+        return bandwidth(fn, sets, nbytes, a.repeats)
+    for i in range(1, kv_copies(nbytes)):  # same shapes, other draws (fn's block table kept)
+        sets += decode_case(impl, batch, context, a.nheads, a.nheads_k, headdim, page_size,
+                            dtype, a.seed + i)[1]
+    return chained_bandwidth(fn, sets, nbytes, a.repeats, a.chain)
 
 
 def main():

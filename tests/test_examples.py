@@ -124,3 +124,19 @@ def test_bench_sharded_step_smoke(tmp_path):
     assert max(r["devices"] for r in rows) == 8, out
     for r in rows:  # the partitioning rules: no collective for either split
         assert r["collectives"] == [] and r["ms"] > 0, r
+
+
+def test_bench_decode_smoke(tmp_path):
+    out = run("benchmarks/bench_decode.py", "--smoke", "--kinds", "decode,paged",
+              "--out", str(tmp_path))
+    (path,) = tmp_path.glob("*_decode.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["kind"], r["impl"]) for r in rows} == {
+        ("decode", "jax_flash"), ("decode", "jax_flash_ref"), ("decode", "xla"),
+        ("paged", "jax_flash")}, out
+    for r in rows:
+        assert r["ms"] and r["gbps"] > 0, r
+        if r["impl"] == "jax_flash_ref":  # one call per dispatch
+            assert "chain" not in r, r
+        else:  # 8 chained steps over 8 copies of the smoke run's 64 KB of K/V
+            assert (r["chain"], r["kv_copies"]) == (8, 8), r
