@@ -4,6 +4,7 @@ validation message."""
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -373,6 +374,43 @@ def test_decode_kernel_switch(monkeypatch):
     monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "0")
     assert backend_lib.select(spec, "gpu").name == "reference"
     assert backend_lib.select(spec, "cpu").name == "reference"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Switched:
+    """The reference backend, its output scaled by the fold switch's value
+    when traced (1 + the value), so a run shows which value it was traced with."""
+    name: str = "switched"
+
+    def forward(self, spec, xs, operands):
+        out, *rest = backend_lib.ReferenceBackend().forward(spec, xs, operands)
+        scale = 1 + int(os.environ.get(cuda_kvcache.FOLD_ENV_VAR, "0"))
+        return (out * scale, *rest)
+
+
+def test_switches_take_effect_at_the_next_trace(monkeypatch):
+    # The switches forward reads while tracing are part of the partitioned
+    # call's key: a new jit after a change runs with the new value, not an
+    # executable compiled for the old one.
+    # On one device the partitioned call is inlined when traced; on a mesh
+    # (2 devices, K/V heads split) XLA's partitioner asks for it by its key.
+    monkeypatch.setattr(backend_lib, "select", lambda spec, platform=None: _Switched())
+    case = {n: jnp.asarray(x) for n, x in make_case(23).items()}
+    placements = [lambda x: x]
+    if jax.device_count() >= 2:
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("model",))
+        heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "model"))
+        placements.append(lambda x: jax.device_put(x, heads) if x.ndim == 4 else x)
+    for place in placements:
+        placed = {n: place(x) for n, x in case.items()}
+        outs = {}
+        for value in ("0", "1", "0", "1"):
+            monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, value)
+            out = jax.jit(lambda case: flash_attn_with_kvcache(**case))(placed)
+            outs.setdefault(value, []).append(np.asarray(out, np.float32))
+        for a, b in zip(outs["0"], outs["1"]):
+            np.testing.assert_allclose(b, 2 * a, rtol=1e-3)
+            assert np.abs(a).max() > 0
 
 
 def test_append_kernel_switch_and_limits(monkeypatch):

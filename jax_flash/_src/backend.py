@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_flash import reference, sharding
-from jax_flash._src import kvcache_ref
+from jax_flash._src import cuda_kvcache, kvcache_ref
 from jax_flash._src.cuda import CudaBackend
 from jax_flash._src.spec import AttentionSpec, Operands
 
@@ -308,6 +308,9 @@ def run(spec: AttentionSpec, xs, operands: Operands):
 @dataclasses.dataclass(frozen=True)
 class _KVCacheForward:
     backend: Backend
+    # The switches the forward reads while tracing (cuda_kvcache.trace_switches):
+    # part of the partitioned call's key, so that a change reaches the next trace.
+    switches: tuple = ()
 
     def __call__(self, spec, args, head_offset):
         xs, operands = args
@@ -320,4 +323,5 @@ def run_kvcache(spec, xs, operands):
     kernels on GPUs (`cuda_kvcache`), the reference elsewhere."""
     backend = select(spec)
     sig = sharding.kvcache_signature(spec, xs, operands)
-    return sharding.call(_KVCacheForward(backend), spec, (tuple(xs), operands), sig)
+    fn = _KVCacheForward(backend, cuda_kvcache.trace_switches())
+    return sharding.call(fn, spec, (tuple(xs), operands), sig)

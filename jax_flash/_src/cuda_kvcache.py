@@ -96,6 +96,12 @@ def append_enabled() -> bool:
     return _switch(APPEND_ENV_VAR, APPEND_DEFAULT)
 
 
+def trace_switches() -> tuple[bool, bool]:
+    """The switches `forward` reads while tracing: the append kernel's and
+    the fold's."""
+    return append_enabled(), _switch(FOLD_ENV_VAR, FOLD_DEFAULT)
+
+
 def fold_factor(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None) -> int:
     """K/V heads the decode kernel reads as one (1: none): 128 / head_dim
     for head dims 32 and 64 when the switch is on, the K/V heads divide by
