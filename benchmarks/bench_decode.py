@@ -34,9 +34,9 @@ queries of the keys each sees).
 Timing and output follow bench_attention.py: jitted, warmed up, median of
 `--repeats` samples of back-to-back calls. Decode and paged rows (not the
 reference) time `--chain` steps (default 8) in one executable, each step's
-output the next step's query: a decode call takes 15-150 us, about what
-dispatching a jitted call from Python costs, so one call per dispatch
-times the host as much as the kernel. The chained steps rotate through
+output the next step's query: the shortest decode calls (8k keys, batch
+1 and 8) take 40-130 us, not much more than dispatching a jitted call
+from Python, so one call per dispatch times the host with the kernel. The chained steps rotate through
 copies of K/V (other draws) totalling at least 256 MB, so no step finds its
 K/V still in the L2 cache. `--chain 1` times one call per dispatch, as the
 rows of 2026-12-06 and before were. An implementation that raises
