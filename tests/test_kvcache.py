@@ -378,22 +378,19 @@ def test_decode_kernel_switch(monkeypatch):
 
 @dataclasses.dataclass(frozen=True)
 class _Switched:
-    """The reference backend, its output scaled by the fold switch's value
-    when traced (1 + the value), so a run shows which value it was traced with."""
+    """The reference backend, its output scaled by 1 + the fold switch it
+    is given, so a run shows which value reached it."""
     name: str = "switched"
 
-    def forward(self, spec, xs, operands):
-        out, *rest = backend_lib.ReferenceBackend().forward(spec, xs, operands)
-        scale = 1 + int(os.environ.get(cuda_kvcache.FOLD_ENV_VAR, "0"))
-        return (out * scale, *rest)
+    def kvcache_forward(self, spec, xs, operands, switches):
+        out, *rest = backend_lib.ReferenceBackend().kvcache_forward(spec, xs, operands, switches)
+        return (out * (1 + (switches.fold == "always")), *rest)
 
 
-def test_switches_take_effect_at_the_next_trace(monkeypatch):
-    # The switches forward reads while tracing are part of the partitioned
-    # call's key: a new jit after a change runs with the new value, not an
-    # executable compiled for the old one.
-    # On one device the partitioned call is inlined when traced; on a mesh
-    # (2 devices, K/V heads split) XLA's partitioner asks for it by its key.
+def test_switches_are_read_when_traced(monkeypatch):
+    # A kv-cache call runs with the switches of its trace, even when the
+    # environment changes before it is compiled: on a mesh (2 devices, K/V
+    # heads split) XLA's partitioner traces the shards again at compile time.
     monkeypatch.setattr(backend_lib, "select", lambda spec, platform=None: _Switched())
     case = {n: jnp.asarray(x) for n, x in make_case(23).items()}
     placements = [lambda x: x]
@@ -404,13 +401,31 @@ def test_switches_take_effect_at_the_next_trace(monkeypatch):
     for place in placements:
         placed = {n: place(x) for n, x in case.items()}
         outs = {}
-        for value in ("0", "1", "0", "1"):
-            monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, value)
-            out = jax.jit(lambda case: flash_attn_with_kvcache(**case))(placed)
-            outs.setdefault(value, []).append(np.asarray(out, np.float32))
-        for a, b in zip(outs["0"], outs["1"]):
-            np.testing.assert_allclose(b, 2 * a, rtol=1e-3)
-            assert np.abs(a).max() > 0
+        for traced, compiled in (("0", "1"), ("1", "0")):
+            monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, traced)
+            lowered = jax.jit(lambda case: flash_attn_with_kvcache(**case)).lower(placed)
+            monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, compiled)
+            outs[traced] = np.asarray(lowered.compile()(placed), np.float32)
+        np.testing.assert_allclose(outs["1"], 2 * outs["0"], rtol=1e-3)
+        assert np.abs(outs["0"]).max() > 0
+
+
+def test_explicit_switches_override_the_environment(monkeypatch):
+    fold = kvcache_lib.KVCacheSpec(batch=8, seqlen_q=1, nheads=32, nheads_k=8, head_dim=64,
+                                   dtype="bfloat16", seqlen_cache=8192, batch_cache=8,
+                                   softmax_scale=0.125)
+    build, splits_of = (64, 128), lambda spec: 1
+    for env, mode in (("1", "never"), ("0", "auto"), ("0", "always")):
+        monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, env)
+        assert cuda_kvcache.kernel_spec_and_fold(fold, build, splits_of, mode)[1] == (
+            1 if mode == "never" else 2)
+        assert cuda_kvcache.kernel_spec_and_fold(fold, build, splits_of)[1] == (
+            2 if env == "1" else 1)
+    append = dataclasses.replace(fold, seqlen_new=1)
+    for env, on in (("1", False), ("0", True)):
+        monkeypatch.setenv(cuda_kvcache.APPEND_ENV_VAR, env)
+        assert cuda_kvcache.append_in_kernel(append, on) == on
+        assert cuda_kvcache.append_in_kernel(append) == (env == "1")
 
 
 def test_append_kernel_switch_and_limits(monkeypatch):

@@ -4,6 +4,7 @@ run on folded q and caches, then unfolded, gives the reference's own result.
 On CPU; tests/test_kvcache_gpu.py runs the kernels folded and not."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,11 @@ def _spec(**kw):
 def test_fold_factor(monkeypatch, kw, fold):
     monkeypatch.delenv(cuda_kvcache.FOLD_ENV_VAR, raising=False)
     spec = _spec(**kw)
-    assert cuda_kvcache.fold_factor(spec, BUILD) == (fold if cuda_kvcache.FOLD_DEFAULT else 1)
+    auto = fold if spec.head_dim in cuda_kvcache.FOLD_AUTO_HEAD_DIMS else 1
+    assert cuda_kvcache.fold_factor(spec, BUILD) == auto  # unset: "auto"
+    assert cuda_kvcache.fold_factor(spec, BUILD, "auto") == auto
+    assert cuda_kvcache.fold_factor(spec, BUILD, "always") == fold
+    assert cuda_kvcache.fold_factor(spec, BUILD, "never") == 1
     monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, "1")
     assert cuda_kvcache.fold_factor(spec, BUILD) == fold
     assert cuda_kvcache.fold_factor(spec, (32, 64, 256)) == 1  # no d=128 kernel to run on
@@ -51,34 +56,48 @@ def test_fold_factor(monkeypatch, kw, fold):
     assert cuda_kvcache.fold_factor(spec, BUILD) == 1
 
 
-@pytest.mark.parametrize("num_splits,auto,folded_splits", [
-    (0, 1, 1),     # batch 32+: the unfolded call's one split
-    (0, 4, 4),     # batch 8 at 32k: its four
-    (0, 33, None),  # batch 1 at 128k: too many splits to fold
-    (3, None, 3),  # asked for: kept, nothing to choose
-    (8, None, None),
+@pytest.mark.parametrize("seqlen_cache,num_splits,plan_splits,folded_splits", [
+    (8192, 0, 1, 1),       # batch 32+ at 8k: the unfolded call's one split
+    (32768, 0, 4, 4),      # batch 8 at 32k: its four, 8192 keys each
+    (8192, 0, 4, None),    # batch 8 at 8k: four splits of 2048 keys, too short
+    (131072, 0, 33, None),  # batch 1 at 128k: too many splits
+    (32768, 3, 3, 3),      # asked for: kept
+    (32768, 8, 8, None),
+    (16384, 8, 4, 4),      # asked for 8, clamped by the plan to 4
 ])
-def test_folded_calls_split_as_unfolded_ones(monkeypatch, num_splits, auto, folded_splits):
-    monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, "1")
-    spec = _spec(num_splits=num_splits)
+def test_folded_calls_split_as_unfolded_ones(monkeypatch, seqlen_cache, num_splits, plan_splits,
+                                             folded_splits):
+    monkeypatch.delenv(cuda_kvcache.FOLD_ENV_VAR, raising=False)  # "auto"
+    spec = _spec(num_splits=num_splits, seqlen_cache=seqlen_cache)
     asked = []
 
-    def auto_splits(s):
+    def splits_of(s):
         asked.append(s)
-        return auto
+        return plan_splits
 
-    kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD, auto_splits)
-    assert len(asked) == (num_splits == 0)
-    if asked:  # the unfolded problem: the original spec
-        assert asked[0] == spec
+    folded = dataclasses.replace(cuda_kvcache.fold_spec(spec, 2), num_splits=plan_splits)
+    kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of)
+    assert asked == [spec]  # the unfolded problem
     if folded_splits is None:
         assert (kernel_spec, fold) == (spec, 1)
     else:
-        assert fold == 2
-        assert kernel_spec == dataclasses.replace(cuda_kvcache.fold_spec(spec, 2),
-                                                  num_splits=folded_splits)
-    monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, "0")
-    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, auto_splits) == (spec, 1)
+        assert (kernel_spec, fold) == (folded, 2)
+    # "always" folds whatever the splits; "never" does not fold.
+    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of, "always") == (folded, 2)
+    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of, "never") == (spec, 1)
+
+
+def test_unfolded_splits_asks_the_plan_for_the_d128_tile(monkeypatch):
+    asked = []
+
+    def plan(spec):
+        asked.append(spec)
+        return types.SimpleNamespace(num_splits=3)
+
+    monkeypatch.setattr(cuda_kvcache.plan_lib, "kvcache_plan", plan)
+    spec = _spec(num_splits=5)
+    assert cuda_kvcache._unfolded_splits(spec) == 3
+    assert asked == [dataclasses.replace(spec, head_dim=128)]  # same K/V heads, same request
 
 
 def test_fold_q_and_unfold_out_place_each_head():

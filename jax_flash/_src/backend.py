@@ -39,6 +39,12 @@ class Backend(Protocol):
         seqlen_q); varlen inputs arrive as (1, total, ...) buffers. Not
         differentiated: `backward` is its gradient."""
 
+    def kvcache_forward(self, spec, xs, operands, switches):
+        """(out, lse, k_cache, v_cache) of one shard of a kv-cache call
+        (`KVCacheSpec`); xs = (q, k_cache, v_cache, k, v), k/v None without
+        an append; `switches`: `cuda_kvcache.Switches`, read when the call
+        was traced."""
+
     def backward(self, spec: AttentionSpec, xs, operands: Operands, out, lse, d_out):
         """Gradients of xs (in their packed layout) given the forward's out
         and lse, which act as the softmax statistics: a block of keys gets
@@ -116,9 +122,6 @@ class ReferenceBackend:
                                  operands.rng)
 
     def forward(self, spec: AttentionSpec, xs, operands: Operands):
-        if spec.layout == "kvcache":
-            # (out, lse, k_cache, v_cache); xs = (q, k_cache, v_cache, k, v).
-            return kvcache_ref.run(spec, xs, operands)
         q, k, v = _unpack(xs, spec.packing)
         opts = dict(softmax_scale=spec.softmax_scale, window_size=spec.window,
                     softcap=spec.softcap, alibi_slopes=_alibi(operands),
@@ -135,6 +138,9 @@ class ReferenceBackend:
         keep = self._keep(spec, operands, q.shape[0], q.shape[1], k.shape[1])
         return reference.attention_ref(q, k, v, dropout_mask=keep,
                                        **_segments(spec, operands), **opts)
+
+    def kvcache_forward(self, spec, xs, operands, switches):
+        return kvcache_ref.run(spec, xs, operands)  # no switch changes the reference
 
     def backward(self, spec: AttentionSpec, xs, operands: Operands, out, lse, d_out):
         # With out O and lse L held fixed, h(q, k, v)_i = sum_j P_ij (m_ij V_j
@@ -307,14 +313,15 @@ def run(spec: AttentionSpec, xs, operands: Operands):
 
 @dataclasses.dataclass(frozen=True)
 class _KVCacheForward:
+    """One shard of a kv-cache call, with the switches read when the call
+    was traced (part of the partitioned call's key)."""
+
     backend: Backend
-    # The switches the forward reads while tracing (cuda_kvcache.trace_switches):
-    # part of the partitioned call's key, so that a change reaches the next trace.
-    switches: tuple = ()
+    switches: cuda_kvcache.Switches
 
     def __call__(self, spec, args, head_offset):
         xs, operands = args
-        return tuple(self.backend.forward(spec, xs, operands))
+        return tuple(self.backend.kvcache_forward(spec, xs, operands, self.switches))
 
 
 def run_kvcache(spec, xs, operands):
@@ -323,5 +330,5 @@ def run_kvcache(spec, xs, operands):
     kernels on GPUs (`cuda_kvcache`), the reference elsewhere."""
     backend = select(spec)
     sig = sharding.kvcache_signature(spec, xs, operands)
-    fn = _KVCacheForward(backend, cuda_kvcache.trace_switches())
+    fn = _KVCacheForward(backend, cuda_kvcache.switches())
     return sharding.call(fn, spec, (tuple(xs), operands), sig)

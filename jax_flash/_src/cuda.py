@@ -133,10 +133,11 @@ class CudaBackend:
 
     def forward(self, spec: AttentionSpec, xs, operands: Operands):
         extension.kernels_or_raise()
-        if spec.layout == "kvcache":
-            # (out, lse, k_cache, v_cache); xs = (q, k_cache, v_cache, k, v).
-            return cuda_kvcache.forward(spec, xs, operands)
         return _fwd_kernel(spec, xs, operands)
+
+    def kvcache_forward(self, spec, xs, operands, switches):
+        extension.kernels_or_raise()
+        return cuda_kvcache.forward(spec, xs, operands, switches)
 
     def backward(self, spec: AttentionSpec, xs, operands: Operands, out, lse, d_out):
         extension.kernels_or_raise()

@@ -29,7 +29,8 @@ the caches, whose rows hold the heads side by side), and each query head
 is widened to 128 with zeros outside its K/V head's columns, so q.k sees
 only its own head; of the output's 128 columns each head keeps its own. A
 K/V tile row is then 256 contiguous bytes instead of 64 or 128, and the
-d=128 kernel serves the call (`fold_factor` says when). One consequence: a
+d=128 kernel serves the call (`fold_factor` and `kernel_spec_and_fold` say
+when). One consequence: a
 NaN or inf in a visible key of one head reaches the heads folded with it
 (0 * inf); visible keys are expected to be finite.
 
@@ -41,15 +42,17 @@ initcheck on the shared-memory layout before entry 38's;
 notes/kernel_experiments.md, entries 36-38). JAX_FLASH_KVCACHE_APPEND="1"
 runs appends on the append kernel, "0" in JAX, unset APPEND_DEFAULT (off
 until the kernel has passed the GPU tests; notes entry 39).
-JAX_FLASH_KVCACHE_FOLD="1" folds K/V heads where `fold_factor` allows, "0"
-never, unset FOLD_DEFAULT (off until its speed is measured against the
-unfolded kernels; notes entry 44).
+JAX_FLASH_KVCACHE_FOLD unset folds head dim 64 where it was measured
+faster (`kernel_spec_and_fold`; notes entries 44-45, 47), "1" folds head
+dims 32 and 64 wherever `fold_factor` allows (d = 32 is not yet timed),
+"0" never.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +68,14 @@ DEFAULT = True  # whether the kernels serve kv-cache calls with ENV_VAR unset
 APPEND_ENV_VAR = "JAX_FLASH_KVCACHE_APPEND"
 APPEND_DEFAULT = False  # whether appends run on the append kernel with APPEND_ENV_VAR unset
 FOLD_ENV_VAR = "JAX_FLASH_KVCACHE_FOLD"
-FOLD_DEFAULT = True  # whether head dims 32 and 64 run folded with FOLD_ENV_VAR unset
+FOLD_HEAD_DIMS = (32, 64)  # the head dims that may run folded (FOLD_ENV_VAR "1")
+FOLD_AUTO_HEAD_DIMS = (64,)  # those that do where faster, FOLD_ENV_VAR unset
 _FOLD_DIM = 128  # the head dim a folded call runs at
 _NARROW_ROWS = 16  # query rows of the narrow decode tile (csrc/decode/tile.h kNarrowRows)
-_FOLD_MAX_SPLITS = 4  # the most splits a folded call takes (kernel_spec_and_fold)
+# A folded call's splits in mode "auto" (kernel_spec_and_fold): at most
+# this many, each of at least this many keys of the cache.
+_FOLD_MAX_SPLITS = 4
+_FOLD_MIN_KEYS_PER_SPLIT = 4096
 # Where two new rows may share a slot (cache_batch_idx, block_table), each
 # of the append kernel's rows compares its slot with every later row's: up
 # to this many rows in all; beyond, the append runs in JAX (a sort).
@@ -96,20 +103,40 @@ def append_enabled() -> bool:
     return _switch(APPEND_ENV_VAR, APPEND_DEFAULT)
 
 
-def trace_switches() -> tuple[bool, bool]:
-    """The switches `forward` reads while tracing: the append kernel's and
-    the fold's."""
-    return append_enabled(), _switch(FOLD_ENV_VAR, FOLD_DEFAULT)
+class Switches(NamedTuple):
+    """The kernel switches of a kv-cache call, read once when the call is
+    traced (`switches()`) and carried with it: under a mesh the call's
+    shards are traced again when XLA partitions it, and must take the same
+    path."""
+
+    append: bool  # the append kernel (append_enabled)
+    fold: str  # fold_mode()
 
 
-def fold_factor(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None) -> int:
+def fold_mode() -> str:
+    """FOLD_ENV_VAR as a mode: unset "auto", "1" "always", else "never"."""
+    value = os.environ.get(FOLD_ENV_VAR, "")
+    return "auto" if value == "" else "always" if value == "1" else "never"
+
+
+def switches() -> Switches:
+    """The switches as the environment sets them now."""
+    return Switches(append=append_enabled(), fold=fold_mode())
+
+
+def fold_factor(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None,
+                mode: str | None = None) -> int:
     """K/V heads the decode kernel reads as one (1: none): 128 / head_dim
-    for head dims 32 and 64 when the switch is on, the K/V heads divide by
-    it, the folded query rows (fold x query heads per K/V head x seqlen_q)
-    still fit the narrow tile (beyond it the extra columns cost MMA work
-    where the kernel is no longer bound by its reads), and a d=128 kernel
-    is compiled (`compiled`: the build's head dims, asked when None)."""
-    if spec.head_dim not in (32, 64) or not _switch(FOLD_ENV_VAR, FOLD_DEFAULT):
+    where `mode` (Switches.fold; the environment's when None) lets the head
+    dim fold (FOLD_HEAD_DIMS "always", FOLD_AUTO_HEAD_DIMS "auto"), the K/V
+    heads divide by it, the folded query rows (fold x query heads per K/V
+    head x seqlen_q) still fit the narrow tile (beyond it the extra columns
+    cost MMA work where the kernel is no longer bound by its reads), and a
+    d=128 kernel is compiled (`compiled`: the build's head dims, asked when
+    None)."""
+    mode = fold_mode() if mode is None else mode
+    dims = {"always": FOLD_HEAD_DIMS, "auto": FOLD_AUTO_HEAD_DIMS}.get(mode, ())
+    if spec.head_dim not in dims:
         return 1
     fold = _FOLD_DIM // spec.head_dim
     rows = fold * spec.nheads // spec.nheads_k * spec.seqlen_q
@@ -161,36 +188,44 @@ def unfold_out(out, fold: int, nheads_k: int):
     return jnp.moveaxis(x, -1, 3).reshape(b, s, nheads, d)
 
 
-def _unfolded_auto_splits(spec: KVCacheSpec) -> int:
-    """The split count the plan picks for spec's K/V heads on the d=128 tile."""
+def _unfolded_splits(spec: KVCacheSpec) -> int:
+    """The split count of spec's K/V heads on the d=128 tile: the automatic
+    one for num_splits 0, else the request as the plan clamps it."""
     return plan_lib.kvcache_plan(dataclasses.replace(spec, head_dim=_FOLD_DIM)).num_splits
 
 
 def kernel_spec_and_fold(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None,
-                         auto_splits=_unfolded_auto_splits) -> tuple[KVCacheSpec, int]:
+                         splits_of=_unfolded_splits,
+                         mode: str | None = None) -> tuple[KVCacheSpec, int]:
     """The spec the decode kernel runs and its fold factor (fold_factor).
 
-    A folded call splits as the unfolded one would (`auto_splits(spec)` for
-    num_splits 0): the plan's cost model counts tiles, and a folded tile
-    reads twice the bytes, so on the folded heads it would split too
-    finely. Past _FOLD_MAX_SPLITS splits (on an H100 with 8 K/V heads:
-    fewer than 8 sequences) the folded blocks are too few and too short to
-    beat the unfolded call, which then runs instead (notes, entry 45)."""
-    fold = fold_factor(spec, compiled)
+    A folded call splits as the unfolded one would (`splits_of(spec)`): the
+    plan's cost model counts tiles, and a folded tile reads twice the
+    bytes, so on the folded heads it would split too finely. In mode "auto"
+    a call with more than _FOLD_MAX_SPLITS splits (batch 1, or few
+    sequences of long caches) or splits of fewer than
+    _FOLD_MIN_KEYS_PER_SPLIT keys does not fold: the folded blocks are too
+    few or too short to beat the unfolded call (notes, entries 45, 47)."""
+    mode = fold_mode() if mode is None else mode
+    fold = fold_factor(spec, compiled, mode)
     if fold == 1:
         return spec, 1
-    splits = spec.num_splits or auto_splits(spec)
-    if splits > _FOLD_MAX_SPLITS:
+    splits = splits_of(spec)
+    if mode == "auto" and (splits > _FOLD_MAX_SPLITS
+                           or spec.seqlen_cache < splits * _FOLD_MIN_KEYS_PER_SPLIT):
         return spec, 1
     return fold_spec(dataclasses.replace(spec, num_splits=splits), fold), fold
 
 
-def append_in_kernel(spec: KVCacheSpec) -> bool:
+def append_in_kernel(spec: KVCacheSpec, on: bool | None = None) -> bool:
     """Whether spec's append runs on the append kernel (else in JAX): the
-    switch is on, there is something to write, the head dim needs no padding
-    (padded caches are copies anyway), the sizes fit the kernel's int
-    offsets and grid, and the duplicate-slot check is small."""
-    if not (spec.append and spec.batch and append_enabled()):
+    switch is on (`on`, Switches.append; the environment's when None), there
+    is something to write, the head dim needs no padding (padded caches are
+    copies anyway), the sizes fit the kernel's int offsets and grid, and the
+    duplicate-slot check is small."""
+    if on is None:
+        on = append_enabled()
+    if not (spec.append and spec.batch and on):
         return False
     rows = spec.batch * spec.seqlen_new
     if spec.head_dim % 8 or max(rows, spec.batch * spec.seqlen_q,
@@ -235,14 +270,14 @@ def _pad_head_dim(kernel_dim: int, *xs):
     )
 
 
-def forward(spec: KVCacheSpec, xs, operands: KVCacheOperands):
+def forward(spec: KVCacheSpec, xs, operands: KVCacheOperands, switched: Switches):
     """(out, lse, k_cache, v_cache) of one shard, like the reference backend:
     xs = (q, k_cache, v_cache, k, v), k/v None without an append."""
-    if append_in_kernel(spec):
+    if append_in_kernel(spec, switched.append):
         q, k_cache, v_cache = _append_kernel(spec, tuple(jnp.asarray(x) for x in xs), operands)
     else:
         q, k_cache, v_cache = kvcache_ref.update(spec, xs, operands)
-    kernel_spec, fold = kernel_spec_and_fold(spec)
+    kernel_spec, fold = kernel_spec_and_fold(spec, mode=switched.fold)
     plan = plan_lib.kvcache_plan(kernel_spec)
     q_in, k_in, v_in = _pad_head_dim(
         plan.head_dim_padded, fold_q(q, fold, spec.nheads_k), fold_cache(k_cache, fold),
