@@ -37,8 +37,9 @@ reference) time `--chain` steps (default 8) in one executable, each step's
 output the next step's query: the shortest decode calls (8k keys, batch
 1 and 8) take 40-130 us, not much more than dispatching a jitted call
 from Python, so one call per dispatch times the host with the kernel. The chained steps rotate through
-copies of K/V (other draws) totalling at least 256 MB, so no step finds its
-K/V still in the L2 cache. `--chain 1` times one call per dispatch, as the
+copies of K/V (other draws) totalling at least 256 MB, or 8 copies (134
+MB for the smallest default row, 8k x 1 at d=64), so no step finds its K/V
+still in the L2 cache. `--chain 1` times one call per dispatch, as the
 rows of 2026-12-06 and before were. An implementation that raises
 (unsupported shape, OOM, import error) gets a row with ms=None and the
 reason; rows go to benchmarks/results/<gpu>_<date>_decode[_tag].json after
@@ -257,6 +258,8 @@ def parse_args():
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, reference and XLA only: proves the script runs (CPU)")
     a = p.parse_args()
+    if a.chain < 1:
+        p.error(f"--chain must be >= 1, got {a.chain}")
     if a.smoke:
         a.headdims, a.contexts, a.batches, a.page_sizes = "64", "256", "1,2", "16"
         a.nheads, a.nheads_k, a.repeats, a.prefill = 4, 2, 1, "2x32x128"
@@ -299,11 +302,11 @@ def bandwidth(fn, sets, nbytes, repeats):
     return sec, {"gbps": nbytes / sec / 1e9}
 
 
-def kv_copies(nbytes):
-    """How many K/V sets a chained row rotates through: enough that no
-    step's K/V is still in the L2 cache (50 MB on H100 and H200) from the
-    last time it was read."""
-    return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // nbytes)))
+def kv_copies(nbytes, steps):
+    """How many K/V sets a chained row of `steps` steps rotates through:
+    enough that no step's K/V is still in the L2 cache (50 MB on H100 and
+    H200) from the last time it was read, and no more than it reads."""
+    return max(1, min(MAX_COPIES, steps, -(-ROTATE_BYTES // nbytes)))
 
 
 def chained_bandwidth(fn, sets, nbytes, repeats, steps):
@@ -338,7 +341,7 @@ def run_decode_row(a, impl, batch, context, headdim, page_size, dtype):
             raise RuntimeError("the decode kernels did not run")
     if a.chain == 1:
         return bandwidth(fn, sets, nbytes, a.repeats)
-    for i in range(1, kv_copies(nbytes)):  # same shapes, other draws (fn's block table kept)
+    for i in range(1, kv_copies(nbytes, a.chain)):  # same shapes, other draws (fn's block table kept)
         sets += decode_case(impl, batch, context, a.nheads, a.nheads_k, headdim, page_size,
                             dtype, a.seed + i)[1]
     return chained_bandwidth(fn, sets, nbytes, a.repeats, a.chain)
