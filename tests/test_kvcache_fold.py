@@ -63,7 +63,7 @@ def test_fold_factor(monkeypatch, kw, fold):
     (131072, 0, 33, None),  # batch 1 at 128k: too many splits
     (32768, 3, 3, 3),      # asked for: kept
     (32768, 8, 8, None),
-    (16384, 8, 4, 4),      # asked for 8, clamped by the plan to 4
+    (128, 8, 2, None),     # asked for 8, clamped by the plan to 2 (two tiles): too short
 ])
 def test_folded_calls_split_as_unfolded_ones(monkeypatch, seqlen_cache, num_splits, plan_splits,
                                              folded_splits):
