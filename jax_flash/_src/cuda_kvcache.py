@@ -30,9 +30,8 @@ is widened to 128 with zeros outside its K/V head's columns, so q.k sees
 only its own head; of the output's 128 columns each head keeps its own. A
 K/V tile row is then 256 contiguous bytes instead of 64 or 128, and the
 d=128 kernel serves the call (`fold_factor` and `kernel_spec_and_fold` say
-when). One consequence: a
-NaN or inf in a visible key of one head reaches the heads folded with it
-(0 * inf); visible keys are expected to be finite.
+when). One consequence: a NaN or inf in a visible key of one head reaches
+the heads folded with it (0 * inf); visible keys are expected to be finite.
 
 Switches (environment variables, read when a call is traced):
 JAX_FLASH_KVCACHE_KERNELS="1" selects the decode kernels, "0" the plain-JAX
@@ -42,10 +41,10 @@ initcheck on the shared-memory layout before entry 38's;
 notes/kernel_experiments.md, entries 36-38). JAX_FLASH_KVCACHE_APPEND="1"
 runs appends on the append kernel, "0" in JAX, unset APPEND_DEFAULT (off
 until the kernel has passed the GPU tests; notes entry 39).
-JAX_FLASH_KVCACHE_FOLD unset folds head dim 64 where it was measured
-faster (`kernel_spec_and_fold`; notes entries 44-45, 47), "1" folds head
-dims 32 and 64 wherever `fold_factor` allows (d = 32 is not yet timed),
-"0" never.
+JAX_FLASH_KVCACHE_FOLD unset folds head dim 64 under the rule of
+`kernel_spec_and_fold`, fitted to the timed rows (notes entries 44-45,
+47), "1" folds head dims 32 and 64 wherever `fold_factor` allows (d = 32
+is not yet timed), "0" never.
 """
 
 from __future__ import annotations
