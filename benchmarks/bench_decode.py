@@ -48,6 +48,8 @@ every configuration.
 Usage:
   python benchmarks/bench_decode.py                        # everything (long)
   python benchmarks/bench_decode.py --kinds decode --headdims 128
+  python benchmarks/bench_decode.py --kinds decode --headdims 64 --num-splits 4
+                                                           # a fixed split count
   python benchmarks/bench_decode.py --smoke                # CPU, tiny, < 1 min
 """
 
@@ -119,7 +121,8 @@ class reference_backend:
 # Decode cases: (fn, [input sets]) per implementation
 # ----------------------------------------------------------------------------
 
-def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtype, seed):
+def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtype, seed,
+                num_splits=0):
     rng = np.random.RandomState(seed)
     q_shape = (batch, 1, nheads, headdim)
     kv_shape = (batch, context, nheads_k, headdim)
@@ -130,10 +133,11 @@ def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtyp
                                            (batch * blocks, page_size, nheads_k, headdim)], dtype)
             table = random_pages(rng, batch, blocks)
             fn = lambda q, k, v: jax_flash.flash_attn_with_kvcache(
-                q, k, v, cache_seqlens=context, block_table=table)
+                q, k, v, cache_seqlens=context, block_table=table, num_splits=num_splits)
         else:
             q, k, v = random_inputs(seed, [q_shape, kv_shape, kv_shape], dtype)
-            fn = lambda q, k, v: jax_flash.flash_attn_with_kvcache(q, k, v, cache_seqlens=context)
+            fn = lambda q, k, v: jax_flash.flash_attn_with_kvcache(
+                q, k, v, cache_seqlens=context, num_splits=num_splits)
         return fn, [(q, k, v)]
     if impl in ("cudnn", "xla"):
         q, k, v = random_inputs(seed, [q_shape, kv_shape, kv_shape], dtype)
@@ -252,6 +256,9 @@ def parse_args():
     p.add_argument("--chain", type=int, default=8,
                    help="decode and paged rows: steps per timed executable (1: one call per "
                         "dispatch, as the other benchmarks time)")
+    p.add_argument("--num-splits", type=int, default=0,
+                   help="jax_flash decode and paged rows: flash_attn_with_kvcache's num_splits "
+                        "(0: the plan's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--tag", default="")
@@ -260,6 +267,8 @@ def parse_args():
     a = p.parse_args()
     if a.chain < 1:
         p.error(f"--chain must be >= 1, got {a.chain}")
+    if a.num_splits < 0:
+        p.error(f"--num-splits must be >= 0, got {a.num_splits}")
     if a.smoke:
         a.headdims, a.contexts, a.batches, a.page_sizes = "64", "256", "1,2", "16"
         a.nheads, a.nheads_k, a.repeats, a.prefill = 4, 2, 1, "2x32x128"
@@ -331,7 +340,7 @@ def run_decode_row(a, impl, batch, context, headdim, page_size, dtype):
     if impl == "jax_flash_ref" and nbytes > REF_MAX_BYTES:
         raise MemoryError(f"skipped: the reference gathers {nbytes / 2**30:.0f} GiB of K/V")
     fn, sets = decode_case(impl, batch, context, a.nheads, a.nheads_k, headdim, page_size,
-                           dtype, a.seed)
+                           dtype, a.seed, a.num_splits)
     if impl == "jax_flash_ref":
         with reference_backend():
             return bandwidth(fn, sets, nbytes, a.repeats)
@@ -351,7 +360,8 @@ def main():
     a = parse_args()
     path = result_stem(a.out, "decode", a.tag) + ".json"
     result = {**header(), "nheads": a.nheads, "nheads_k": a.nheads_k, "dtype": "bfloat16",
-              "repeats": a.repeats, "kernels_enabled": cuda_kvcache.enabled(),
+              "repeats": a.repeats, "num_splits": a.num_splits,
+              "kernels_enabled": cuda_kvcache.enabled(),
               "append_kernel": cuda_kvcache.append_enabled(), "rows": []}
     gpu = result["gpu"]
     print(f"gpu={gpu} jax={jax.__version__} append kernel={result['append_kernel']} -> {path}")

@@ -5,7 +5,10 @@
   FlashAttention-2;
 - bench_modifiers.py: one row per (mode, seqlen, config), ms and the time
   relative to the same implementation's plain kernel, jax_flash and cuDNN;
-- bench_varlen.py: one row per (mode, implementation).
+- bench_varlen.py: one row per (mode, implementation);
+- bench_decode.py: one row per (head dim, context, batch), GB/s of K/V read
+  per (kind, implementation, page size or new tokens), and jax_flash's decode
+  over cuDNN's.
 
     python benchmarks/results_table.py benchmarks/results/<file>.json
 """
@@ -65,8 +68,30 @@ def varlen_table(data):
     return _markdown(head, rows)
 
 
+def decode_table(data):
+    timed = [r for r in data["rows"] if r.get("gbps") and r["kind"] != "prefill"]
+
+    def column(r):
+        extra = r.get("page_size") or r.get("new_tokens")
+        return f"{r['kind']} {r['impl']}" + (f" {extra}" if extra else "")
+
+    columns = list(dict.fromkeys(column(r) for r in timed))
+    cells = {}
+    for r in timed:
+        cells.setdefault((r["headdim"], r["context"], r["batch"]), {})[column(r)] = r["gbps"]
+    head = ["d", "context", "batch", *(f"{c} GB/s" for c in columns), "jax_flash / cudnn"]
+    rows = []
+    for (d, c, b), row in sorted(cells.items()):
+        jf, cu = row.get("decode jax_flash"), row.get("decode cudnn")
+        rows.append([str(d), str(c), str(b), *(_fmt(row.get(k), ".0f") for k in columns),
+                     f"{jf / cu:.2f}" if jf and cu else "-"])
+    return _markdown(head, rows)
+
+
 def table(path):
     data = json.load(open(path))
+    if data["rows"] and "kind" in data["rows"][0]:
+        return decode_table(data)
     if "doc_lengths" in data:
         return varlen_table(data)
     if any("config" in r for r in data["rows"]):

@@ -128,9 +128,11 @@ def test_bench_sharded_step_smoke(tmp_path):
 
 def test_bench_decode_smoke(tmp_path):
     out = run("benchmarks/bench_decode.py", "--smoke", "--kinds", "decode,paged",
-              "--out", str(tmp_path))
+              "--num-splits", "2", "--out", str(tmp_path))
     (path,) = tmp_path.glob("*_decode.json")
-    rows = json.loads(path.read_text())["rows"]
+    result = json.loads(path.read_text())
+    assert result["num_splits"] == 2, result
+    rows = result["rows"]
     assert {(r["kind"], r["impl"]) for r in rows} == {
         ("decode", "jax_flash"), ("decode", "jax_flash_ref"), ("decode", "xla"),
         ("paged", "jax_flash")}, out
@@ -140,3 +142,11 @@ def test_bench_decode_smoke(tmp_path):
             assert "chain" not in r, r
         else:  # 8 chained steps over 8 copies of the smoke run's 128-256 KB of K/V
             assert (r["chain"], r["kv_copies"]) == (8, 8), r
+    # The Markdown table of the same JSON: one line per (d, context, batch),
+    # a GB/s column per (kind, implementation, page size), no cuDNN ratio.
+    table = run("benchmarks/results_table.py", str(path)).splitlines()
+    assert table[0] == ("| d | context | batch | decode jax_flash GB/s | decode jax_flash_ref GB/s"
+                        " | decode xla GB/s | paged jax_flash 16 GB/s | jax_flash / cudnn |"), table
+    assert [line.split(" | ")[:3] for line in table[2:]] == [["| 64", "256", "1"],
+                                                             ["| 64", "256", "2"]], table
+    assert all(line.endswith("| - |") for line in table[2:]), table
