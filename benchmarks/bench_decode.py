@@ -36,11 +36,12 @@ Timing and output follow bench_attention.py: jitted, warmed up, median of
 reference) time `--chain` steps (default 8) in one executable, each step's
 output the next step's query: the shortest decode calls (8k keys, batch
 1 and 8) take 40-130 us, not much more than dispatching a jitted call
-from Python, so one call per dispatch times the host with the kernel. The chained steps rotate through
-copies of K/V (other draws) totalling at least 256 MB, or as many copies
-as steps, at most 8 (134 MB for the smallest default row, 8k x 1 at
-d=64), so with 8 steps no step finds its K/V still in the L2 cache. `--chain 1` times one call per dispatch, as the
-rows of 2026-12-06 and before were. An implementation that raises
+from Python, so one call per dispatch times the host with the kernel.
+The chained steps rotate through copies of K/V (other draws) totalling
+at least 256 MB, or as many copies as steps, at most 8 (134 MB for the
+smallest default row, 8k x 1 at d=64), so with 8 steps no step finds its
+K/V still in the L2 cache. `--chain 1` times one call per dispatch, as
+the rows of 2026-12-06 and before were. An implementation that raises
 (unsupported shape, OOM, import error) gets a row with ms=None and the
 reason; rows go to benchmarks/results/<gpu>_<date>_decode[_tag].json after
 every configuration.

@@ -4,7 +4,6 @@ validation message."""
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
