@@ -63,6 +63,15 @@ def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
     assert "settings" not in jax_flash.info()
 
 
+def test_info_reports_a_switch_it_cannot_read(monkeypatch):
+    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "yes")
+    d = jax_flash.info()
+    assert d["kvcache_path"] == ("unavailable (ValueError: environment variable "
+                                 "JAX_FLASH_KVCACHE_KERNELS: expected '1', '0' or unset, "
+                                 "got 'yes')"), d
+    assert "JAX_FLASH_KVCACHE_KERNELS=yes" in d["settings"]
+
+
 def test_info_is_exported():
     assert "info" in jax_flash.__all__
     assert jax_flash.info is info_lib.info

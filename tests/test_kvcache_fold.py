@@ -1,9 +1,11 @@
 """Folded K/V heads (jax_flash/_src/cuda_kvcache.py): when head dims 32 and
 64 run as one head of dim 128, and that the folding is exact: the reference
 run on folded q and caches, then unfolded, gives the reference's own result.
-On CPU; tests/test_kvcache_gpu.py runs the kernels folded and not."""
+On CPU; tests/test_kvcache_gpu.py runs the kernels folded and not. Also
+the values the kv-cache switches (fold, kernels, append kernel) take."""
 
 import dataclasses
+import re
 import types
 
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_flash
 from jax_flash._src import cuda_kvcache
 from jax_flash._src import kvcache as kvcache_lib
 from jax_flash._src import kvcache_ref
@@ -152,3 +155,39 @@ def test_folded_reference_equals_reference(case, opts):
                                atol=2e-3, rtol=2e-3)
     np.testing.assert_allclose(np.asarray(lse_f), np.asarray(lse), atol=1e-5, rtol=1e-5)
     assert dataclasses.replace(folded, nheads_k=spec.nheads_k, head_dim=spec.head_dim) == spec
+
+
+# ---- The kv-cache switches take "1", "0" or unset, nothing else ----
+
+SWITCHES = [  # variable, reader, its value unset / "1" / "0"
+    (cuda_kvcache.ENV_VAR, cuda_kvcache.enabled, (cuda_kvcache.DEFAULT, True, False)),
+    (cuda_kvcache.APPEND_ENV_VAR, cuda_kvcache.append_enabled,
+     (cuda_kvcache.APPEND_DEFAULT, True, False)),
+    (cuda_kvcache.FOLD_ENV_VAR, cuda_kvcache.fold_mode, ("auto", "always", "never")),
+]
+
+
+@pytest.mark.parametrize("name,read,values", SWITCHES, ids=[s[0] for s in SWITCHES])
+def test_switch_values(monkeypatch, name, read, values):
+    monkeypatch.delenv(name, raising=False)
+    got = [read()]
+    for text in ("1", "0"):
+        monkeypatch.setenv(name, text)
+        got.append(read())
+    assert tuple(got) == values
+    for text in ("true", "on", "2", " 1", "auto"):
+        monkeypatch.setenv(name, text)
+        with pytest.raises(ValueError, match=re.escape(
+                f"environment variable {name}: expected '1', '0' or unset, got {text!r}")):
+            read()
+
+
+@pytest.mark.parametrize("name", [s[0] for s in SWITCHES])
+def test_a_misspelt_switch_stops_the_call_when_traced(monkeypatch, name):
+    arrays, statics = make_case(3, head_dim=64, heads=(8, 2))
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=name):
+        jax.jit(lambda a: jax_flash.flash_attn_with_kvcache(**a, **statics))(arrays)
+    monkeypatch.delenv(name)
+    out = jax.jit(lambda a: jax_flash.flash_attn_with_kvcache(**a, **statics))(arrays)
+    assert out.shape == arrays["q"].shape

@@ -39,19 +39,20 @@ reference, unset DEFAULT (on: the kernels pass the GPU tests and
 compute-sanitizer's memcheck and racecheck on adversarial tables, and
 initcheck on the shared-memory layout before entry 38's;
 notes/kernel_experiments.md, entries 36-38). JAX_FLASH_KVCACHE_APPEND="1"
-runs appends on the append kernel, "0" in JAX, unset APPEND_DEFAULT (off
-until the kernel has passed the GPU tests; notes entry 39).
-JAX_FLASH_KVCACHE_FOLD unset folds head dim 64 under the rule of
-`kernel_spec_and_fold`, fitted to the timed rows (notes entries 44-45,
-47), "1" folds head dims 32 and 64 wherever `fold_factor` allows (d = 32
-is not yet timed), "0" never.
+runs appends on the append kernel, "0" in JAX, unset APPEND_DEFAULT (off:
+it passes the GPU tests but was not faster than XLA's fused update; the
+README's kv-cache section). JAX_FLASH_KVCACHE_FOLD unset folds head dim
+64 under the rule of `kernel_spec_and_fold`, fitted to the timed rows
+(notes entries 44-45, 47-48), "1" folds head dims 32 and 64 wherever
+`fold_factor` allows (d = 32 is not yet timed), "0" never. Any other
+value of a switch raises a ValueError naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +86,23 @@ _APPEND_KERNEL_MAX_SIZE = 1 << 29
 _APPEND_KERNEL_MAX_BLOCKS = 1 << 31
 
 
-def _switch(name: str, default: bool) -> bool:
+def _setting(name: str, values: dict[str, Any]) -> Any:
+    """What environment variable `name` selects among `values` (keyed by
+    the variable's text, "" for unset).
+
+    Raises:
+      ValueError: any other text (a misspelt switch must not silently pick
+        a path).
+    """
     value = os.environ.get(name, "")
-    return default if value == "" else value == "1"
+    if value not in values:
+        expected = ", ".join(repr(v) for v in values if v) + " or unset"
+        raise ValueError(f"environment variable {name}: expected {expected}, got {value!r}")
+    return values[value]
+
+
+def _switch(name: str, default: bool) -> bool:
+    return _setting(name, {"": default, "1": True, "0": False})
 
 
 def enabled() -> bool:
@@ -113,13 +128,13 @@ class Switches(NamedTuple):
 
 
 def fold_mode() -> str:
-    """FOLD_ENV_VAR as a mode: unset "auto", "1" "always", else "never"."""
-    value = os.environ.get(FOLD_ENV_VAR, "")
-    return "auto" if value == "" else "always" if value == "1" else "never"
+    """FOLD_ENV_VAR as a mode: unset "auto", "1" "always", "0" "never"."""
+    return _setting(FOLD_ENV_VAR, {"": "auto", "1": "always", "0": "never"})
 
 
 def switches() -> Switches:
     """The switches as the environment sets them now."""
+    enabled()  # not carried (it picks the backend), but checked on every platform
     return Switches(append=append_enabled(), fold=fold_mode())
 
 

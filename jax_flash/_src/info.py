@@ -236,8 +236,11 @@ def info() -> dict[str, Any]:
     d["path"] = path_for(backend, will_run)
     from jax_flash._src import cuda_kvcache
 
-    d["kvcache_path"] = (path_for(backend, will_run) if cuda_kvcache.enabled() else
-                         REFERENCE_PATH)
+    try:
+        d["kvcache_path"] = (path_for(backend, will_run) if cuda_kvcache.enabled() else
+                             REFERENCE_PATH)
+    except ValueError as e:  # a switch set to a value it does not take
+        d["kvcache_path"] = _unavailable(e)
     settings = [f"{name}={os.environ[name]}" for name in RUNTIME_VARIABLES if name in os.environ]
     if settings:
         d["settings"] = settings
