@@ -59,38 +59,38 @@ def test_fold_factor(monkeypatch, kw, fold):
     assert cuda_kvcache.fold_factor(spec, BUILD) == 1
 
 
-@pytest.mark.parametrize("seqlen_cache,num_splits,plan_splits,folded_splits", [
-    (8192, 0, 1, 1),       # batch 32+ at 8k: the unfolded call's one split
-    (32768, 0, 4, 4),      # batch 8 at 32k: its four, 8192 keys each
-    (8192, 0, 4, None),    # batch 8 at 8k: four splits of 2048 keys, too short
-    (131072, 0, 33, None),  # batch 1 at 128k: too many splits
-    (32768, 3, 3, 3),      # asked for: kept
-    (32768, 8, 8, None),
-    (128, 8, 2, None),     # asked for 8, clamped by the plan to 2 (two tiles): too short
+@pytest.mark.parametrize("kw,plan_splits,folds", [
+    (dict(seqlen_cache=8192), 1, True),     # batch 32+ at 8k: one split
+    (dict(seqlen_cache=32768), 4, True),    # batch 8 at 32k: four of 8192 keys
+    (dict(seqlen_cache=8192), 4, False),    # batch 8 at 8k: four of 2048 keys, too short
+    (dict(seqlen_cache=131072), 32, False),  # batch 1 at 128k: too many splits
+    (dict(seqlen_cache=32768, num_splits=3), 3, True),  # asked for: kept
+    (dict(seqlen_cache=32768, num_splits=8), 8, False),
+    (dict(seqlen_cache=128, num_splits=8), 2, False),  # clamped by the plan to 2 tiles: too short
+    (dict(seqlen_cache=32768, paged=True, page_size=64), 4, True),
+    (dict(seqlen_cache=32768, paged=True, page_size=16), 4, False),  # pages too short
 ])
-def test_folded_calls_split_as_unfolded_ones(monkeypatch, seqlen_cache, num_splits, plan_splits,
-                                             folded_splits):
+def test_folded_calls_split_as_the_plan_splits_the_folded_problem(monkeypatch, kw, plan_splits,
+                                                                   folds):
     monkeypatch.delenv(cuda_kvcache.FOLD_ENV_VAR, raising=False)  # "auto"
-    spec = _spec(num_splits=num_splits, seqlen_cache=seqlen_cache)
+    spec = _spec(**kw)
     asked = []
 
     def splits_of(s):
         asked.append(s)
         return plan_splits
 
-    folded = dataclasses.replace(cuda_kvcache.fold_spec(spec, 2), num_splits=plan_splits)
+    folded = cuda_kvcache.fold_spec(spec, 2)
     kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of)
-    assert asked == [spec]  # the unfolded problem
-    if folded_splits is None:
-        assert (kernel_spec, fold) == (spec, 1)
-    else:
-        assert (kernel_spec, fold) == (folded, 2)
-    # "always" folds whatever the splits; "never" does not fold.
-    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of, "always") == (folded, 2)
+    assert asked == [folded]  # 4 K/V heads of dim 128, the request as given
+    run = dataclasses.replace(folded, num_splits=plan_splits)
+    assert (kernel_spec, fold) == ((run, 2) if folds else (spec, 1))
+    # "always" folds whatever the splits and pages; "never" does not fold.
+    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of, "always") == (run, 2)
     assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of, "never") == (spec, 1)
 
 
-def test_unfolded_splits_asks_the_plan_for_the_d128_tile(monkeypatch):
+def test_plan_splits_asks_the_plan(monkeypatch):
     asked = []
 
     def plan(spec):
@@ -99,8 +99,8 @@ def test_unfolded_splits_asks_the_plan_for_the_d128_tile(monkeypatch):
 
     monkeypatch.setattr(cuda_kvcache.plan_lib, "kvcache_plan", plan)
     spec = _spec(num_splits=5)
-    assert cuda_kvcache._unfolded_splits(spec) == 3
-    assert asked == [dataclasses.replace(spec, head_dim=128)]  # same K/V heads, same request
+    assert cuda_kvcache._plan_splits(spec) == 3
+    assert asked == [spec]
 
 
 def test_fold_q_and_unfold_out_place_each_head():

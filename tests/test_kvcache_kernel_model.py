@@ -132,3 +132,22 @@ def test_split_plan():
     assert plan(1, 1, 4, 4, d - 4, 64, 1, **h200)["head_dim_padded"] == d
     with pytest.raises(ValueError, match="headdim"):
         plan(1, 1, 4, 4, 300, 64, 0, **h200)
+
+
+@requires_extension
+def test_split_plan_resident_blocks_by_head_dim():
+    # A narrow d=128 block takes its SM's share of bandwidth alone: the
+    # automatic count fills the SMs one block each. d=64 blocks gain from a
+    # second one on the SM: their count fills two a SM.
+    plan = extension._C.kvcache_plan
+    h100 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448)
+    compiled = extension.compiled_head_dims()
+    if 128 not in compiled and 64 not in compiled:
+        pytest.skip("needs head dim 64 or 128 compiled")
+    for batch, context in ((1, 8192), (1, 32768), (1, 131072), (4, 8192), (8, 32768)):
+        if 128 in compiled:
+            p = plan(batch, 1, 32, 8, 128, context, 0, **h100)
+            assert p["narrow"] and 66 < batch * 8 * p["num_splits"] <= 132, (batch, context, p)
+        if 64 in compiled:
+            p = plan(batch, 1, 32, 8, 64, context, 0, **h100)
+            assert p["narrow"] and 132 < batch * 8 * p["num_splits"] <= 264, (batch, context, p)

@@ -195,13 +195,20 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 
 // ---- kv-cache decode -------------------------------------------------------------
 
-// Split-KV: a decode block is latency-bound (its speed is the tiles it has
-// in flight, decode/tile.h), so a round of resident blocks takes about as
-// long however few blocks it holds, and a block costs its tiles plus a
-// fixed overhead (Q load, pipeline fill, epilogue; about two tiles' time,
-// kBlockOverheadTiles). With `blocks` blocks per split and `wave` resident
-// at once (SMs x blocks per SM from the tile's shared memory, 1 KB of it
-// reserved per block by the driver, at most 4), s splits take
+// Split-KV: a decode block costs its tiles plus a fixed overhead (Q load,
+// pipeline fill, epilogue; about two tiles' time, kBlockOverheadTiles), and a
+// round of resident blocks lasts as long as its busiest SM takes. Blocks
+// with short rows (head dim <= 64: half the bytes per tile for the same
+// per-tile work) are latency-bound, so two resident on one SM read about
+// as fast as one: a round of up to `per_sm` blocks per SM (from the tile's
+// shared memory, 1 KB of it reserved per block by the driver, at most 4)
+// takes one block's time. A narrow tile of 128 or more columns keeps
+// enough reads in flight to take its SM's share of DRAM alone, so a second
+// block on the SM adds no bandwidth: there a round holds one block per SM
+// (on an H100, 128 blocks of twice the keys read 2-4% faster than 256
+// co-resident ones at d = 128, and 6% slower at d = 64; notes entries 49,
+// 50). With `blocks` blocks per split and `wave` blocks a round, s splits
+// take
 //   ceil(blocks * s / wave) rounds x (tiles / s + kBlockOverheadTiles)
 // plus a combine pass (kCombineTiles) when s > 1. A ragged last round costs
 // a whole round: 64 blocks in 9 splits (576 blocks on 264 slots) take three
@@ -226,7 +233,9 @@ int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
   constexpr double kMinGain = 0.95;
   const int smem =
       decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow) + kReservedSmemPerBlock;
-  const int per_sm = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
+  const int resident = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
+  const bool fills_sm = plan.narrow && plan.kernel_head_dim >= 128;
+  const int per_sm = fills_sm ? 1 : resident;
   const int64_t wave = int64_t(std::max(device.num_sms, 1)) * per_sm;
   const int64_t by_length =
       std::max<int64_t>(1, tiles * plan.block_n / decode::kMinKeysPerSplit);

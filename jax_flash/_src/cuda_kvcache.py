@@ -72,10 +72,12 @@ FOLD_HEAD_DIMS = (32, 64)  # the head dims that may run folded (FOLD_ENV_VAR "1"
 FOLD_AUTO_HEAD_DIMS = (64,)  # those that do where faster, FOLD_ENV_VAR unset
 _FOLD_DIM = 128  # the head dim a folded call runs at
 _NARROW_ROWS = 16  # query rows of the narrow decode tile (csrc/decode/tile.h kNarrowRows)
-# A folded call's splits in mode "auto" (kernel_spec_and_fold): at most
-# this many, each of at least this many keys of the cache.
+# Mode "auto" folds (kernel_spec_and_fold) a call of at most this many
+# splits, each of at least this many keys of the cache, on pages (if paged)
+# of at least this many keys.
 _FOLD_MAX_SPLITS = 4
 _FOLD_MIN_KEYS_PER_SPLIT = 4096
+_FOLD_MIN_PAGE_SIZE = 64
 # Where two new rows may share a slot (cache_batch_idx, block_table), each
 # of the append kernel's rows compares its slot with every later row's: up
 # to this many rows in all; beyond, the append runs in JAX (a sort).
@@ -202,33 +204,36 @@ def unfold_out(out, fold: int, nheads_k: int):
     return jnp.moveaxis(x, -1, 3).reshape(b, s, nheads, d)
 
 
-def _unfolded_splits(spec: KVCacheSpec) -> int:
-    """The split count of spec's K/V heads on the d=128 tile: the automatic
-    one for num_splits 0, else the request as the plan clamps it."""
-    return plan_lib.kvcache_plan(dataclasses.replace(spec, head_dim=_FOLD_DIM)).num_splits
+def _plan_splits(spec: KVCacheSpec) -> int:
+    """The plan's split count for spec: the automatic one for num_splits
+    0, else the request as the plan clamps it."""
+    return plan_lib.kvcache_plan(spec).num_splits
 
 
 def kernel_spec_and_fold(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None,
-                         splits_of=_unfolded_splits,
+                         splits_of=_plan_splits,
                          mode: str | None = None) -> tuple[KVCacheSpec, int]:
     """The spec the decode kernel runs and its fold factor (fold_factor).
 
-    A folded call splits as the unfolded one would (`splits_of(spec)`): the
-    plan's cost model counts tiles, and a folded tile reads twice the
-    bytes, so on the folded heads it would split too finely. In mode "auto"
-    a call with more than _FOLD_MAX_SPLITS splits (batch 1, or few
-    sequences of long caches) or splits of fewer than
-    _FOLD_MIN_KEYS_PER_SPLIT keys does not fold: the folded blocks are too
-    few or too short to beat the unfolded call (notes, entries 45, 47)."""
+    A folded call splits as the plan splits the folded problem
+    (`splits_of(folded spec)`: fewer K/V heads on the d=128 tile, where one
+    block per SM reads as fast as two; csrc/host/plan.cc). In mode "auto" a
+    call with more than _FOLD_MAX_SPLITS splits (batch 1, or few sequences
+    of long caches), splits of fewer than _FOLD_MIN_KEYS_PER_SPLIT keys, or
+    pages of fewer than _FOLD_MIN_PAGE_SIZE keys does not fold: the folded
+    blocks are too few, too short or too scattered to beat the unfolded
+    call (notes, entries 45, 47, 50)."""
     mode = fold_mode() if mode is None else mode
     fold = fold_factor(spec, compiled, mode)
     if fold == 1:
         return spec, 1
-    splits = splits_of(spec)
+    folded = fold_spec(spec, fold)
+    splits = splits_of(folded)
     if mode == "auto" and (splits > _FOLD_MAX_SPLITS
-                           or spec.seqlen_cache < splits * _FOLD_MIN_KEYS_PER_SPLIT):
+                           or spec.seqlen_cache < splits * _FOLD_MIN_KEYS_PER_SPLIT
+                           or 0 < spec.page_size < _FOLD_MIN_PAGE_SIZE):
         return spec, 1
-    return fold_spec(dataclasses.replace(spec, num_splits=splits), fold), fold
+    return dataclasses.replace(folded, num_splits=splits), fold
 
 
 def append_in_kernel(spec: KVCacheSpec, on: bool | None = None) -> bool:
