@@ -82,7 +82,8 @@ def test_folded_calls_split_as_the_plan_splits_the_folded_problem(monkeypatch, k
 
     folded = cuda_kvcache.fold_spec(spec, 2)
     kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of)
-    assert asked == [folded]  # 4 K/V heads of dim 128, the request as given
+    # 4 K/V heads of dim 128, the request as given, as if contiguous
+    assert asked == [dataclasses.replace(folded, paged=False, page_size=0)]
     run = dataclasses.replace(folded, num_splits=plan_splits)
     assert (kernel_spec, fold) == ((run, 2) if folds else (spec, 1))
     # "always" folds whatever the splits and pages; "never" does not fold.

@@ -136,9 +136,10 @@ def test_split_plan():
 
 @requires_extension
 def test_split_plan_resident_blocks_by_head_dim():
-    # A narrow d=128 block takes its SM's share of bandwidth alone: the
-    # automatic count fills the SMs one block each. d=64 blocks gain from a
-    # second one on the SM: their count fills two a SM.
+    # A narrow d=128 block on a contiguous cache takes its SM's share of
+    # bandwidth alone: the automatic count fills the SMs one block each.
+    # d=64 blocks, and d=128 ones on pages, gain from a second one on the
+    # SM: their count fills two a SM.
     plan = extension._C.kvcache_plan
     h100 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448)
     compiled = extension.compiled_head_dims()
@@ -148,6 +149,9 @@ def test_split_plan_resident_blocks_by_head_dim():
         if 128 in compiled:
             p = plan(batch, 1, 32, 8, 128, context, 0, **h100)
             assert p["narrow"] and 66 < batch * 8 * p["num_splits"] <= 132, (batch, context, p)
+            # Paged: two a SM (the page lookups want the second block).
+            p = plan(batch, 1, 32, 8, 128, context, 0, **h100, page_size=16)
+            assert p["narrow"] and 132 < batch * 8 * p["num_splits"] <= 264, (batch, context, p)
         if 64 in compiled:
             p = plan(batch, 1, 32, 8, 64, context, 0, **h100)
             assert p["narrow"] and 132 < batch * 8 * p["num_splits"] <= 264, (batch, context, p)

@@ -76,7 +76,7 @@ nb::dict Plan(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads,
 
 nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nheads_k,
                      int64_t head_dim, int64_t seqlen_cache, int64_t num_splits, int num_sms,
-                     int smem_per_sm, int smem_per_block) {
+                     int smem_per_sm, int smem_per_block, int64_t page_size) {
   jax_flash::KVCacheProblem pb;
   pb.batch = batch;
   pb.seqlen_q = seqlen_q;
@@ -85,6 +85,7 @@ nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nh
   pb.head_dim = head_dim;
   pb.seqlen_cache = seqlen_cache;
   pb.num_splits = num_splits;
+  pb.page_size = page_size;
   jax_flash::DeviceInfo device{num_sms, smem_per_sm, smem_per_block};
   if (num_sms <= 0) {
     // The tile needs the device's shared memory; the automatic split count
@@ -159,7 +160,7 @@ NB_MODULE(_C, m) {
   m.def("kvcache_plan", &KVCachePlan, nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("nheads"),
         nb::arg("nheads_k"), nb::arg("head_dim"), nb::arg("seqlen_cache"),
         nb::arg("num_splits"), nb::arg("num_sms") = 0, nb::arg("smem_per_sm") = 0,
-        nb::arg("smem_per_block") = 0,
+        nb::arg("smem_per_block") = 0, nb::arg("page_size") = 0,
         "The plan of one flash_attn_with_kvcache kernel call (csrc/host/plan.h): padded and "
         "compiled head dim, tile (narrow or wide) and row blocks, the number of splits "
         "(num_splits 0: automatic) and the split scratch shapes, for a device of num_sms "

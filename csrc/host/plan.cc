@@ -202,12 +202,13 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 // per-tile work) are latency-bound, so two resident on one SM read about
 // as fast as one: a round of up to `per_sm` blocks per SM (from the tile's
 // shared memory, 1 KB of it reserved per block by the driver, at most 4)
-// takes one block's time. A narrow tile of 128 or more columns keeps
-// enough reads in flight to take its SM's share of DRAM alone, so a second
-// block on the SM adds no bandwidth: there a round holds one block per SM
-// (on an H100, 128 blocks of twice the keys read 2-4% faster than 256
-// co-resident ones at d = 128, and 6% slower at d = 64; notes entries 49,
-// 50). With `blocks` blocks per split and `wave` blocks a round, s splits
+// takes one block's time. A narrow d = 128 tile reading a contiguous
+// cache keeps enough reads in flight to take its SM's share of DRAM alone,
+// so a second block on the SM adds no bandwidth: there a round holds one
+// block per SM. On an H100, 128 such blocks of twice the keys read 2-7%
+// faster than 256 co-resident ones; not so at d = 64 (6% slower), d = 192
+// (9-14% slower) or on pages of 16 or 64 keys (up to 14% slower; notes
+// entries 49, 50). With `blocks` blocks per split and `wave` blocks a round, s splits
 // take
 //   ceil(blocks * s / wave) rounds x (tiles / s + kBlockOverheadTiles)
 // plus a combine pass (kCombineTiles) when s > 1. A ragged last round costs
@@ -234,7 +235,7 @@ int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
   const int smem =
       decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow) + kReservedSmemPerBlock;
   const int resident = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
-  const bool fills_sm = plan.narrow && plan.kernel_head_dim >= 128;
+  const bool fills_sm = plan.narrow && plan.kernel_head_dim == 128 && pb.page_size == 0;
   const int per_sm = fills_sm ? 1 : resident;
   const int64_t wave = int64_t(std::max(device.num_sms, 1)) * per_sm;
   const int64_t by_length =
@@ -262,12 +263,14 @@ std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device
   std::string err = choose_head_dim(pb.head_dim, &plan->head_dim_padded, &plan->kernel_head_dim);
   if (!err.empty()) return err;
   if (pb.batch < 0 || pb.seqlen_q < 0 || pb.nheads < 0 || pb.nheads_k < 1 ||
-      pb.nheads % pb.nheads_k != 0 || pb.seqlen_cache < 0 || pb.num_splits < 0) {
+      pb.nheads % pb.nheads_k != 0 || pb.seqlen_cache < 0 || pb.num_splits < 0 ||
+      pb.page_size < 0) {
     return "kv-cache sizes must be >= 0 with nheads a multiple of nheads_k >= 1 and "
            "num_splits >= 0; got batch " + std::to_string(pb.batch) + ", seqlen_q " +
            std::to_string(pb.seqlen_q) + ", nheads " + std::to_string(pb.nheads) +
            ", nheads_k " + std::to_string(pb.nheads_k) + ", seqlen_cache " +
-           std::to_string(pb.seqlen_cache) + ", num_splits " + std::to_string(pb.num_splits);
+           std::to_string(pb.seqlen_cache) + ", num_splits " + std::to_string(pb.num_splits) +
+           ", page_size " + std::to_string(pb.page_size);
   }
   // The narrow tile when the rows fit one slab and its shared memory fits
   // the device (sm_86 / sm_89 allow 99 KB a block: the wide tile there, as

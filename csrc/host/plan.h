@@ -87,6 +87,7 @@ struct KVCacheProblem {
   int64_t batch = 0, seqlen_q = 0, nheads = 0, nheads_k = 0, head_dim = 0;
   int64_t seqlen_cache = 0;
   int64_t num_splits = 0;
+  int64_t page_size = 0;  // keys per page of a paged cache; 0: contiguous
 };
 
 // What the device offers the split heuristic.

@@ -100,13 +100,14 @@ class KVCachePlan(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head_dim: int,
                      seqlen_cache: int, num_splits: int, num_sms: int = 0,
-                     smem_per_sm: int = 0, smem_per_block: int = 0) -> KVCachePlan:
+                     smem_per_sm: int = 0, smem_per_block: int = 0,
+                     page_size: int = 0) -> KVCachePlan:
     """`_C.kvcache_plan` for these arguments (see csrc/host/plan.h), cached.
 
     The tile and (num_splits 0) the split count are chosen for num_sms
     multiprocessors with smem_per_sm / smem_per_block bytes of shared memory,
     or for the current CUDA device (asked from the CUDA runtime) when num_sms
-    is 0.
+    is 0; page_size is the keys per page of a paged cache, 0 contiguous.
 
     Raises:
       RuntimeError: the extension is absent, or the device could not be asked.
@@ -115,7 +116,8 @@ def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head
     if extension._C is None:
         extension.kernels_or_raise()
     raw = extension._C.kvcache_plan(batch, seqlen_q, nheads, nheads_k, head_dim, seqlen_cache,
-                                    num_splits, num_sms, smem_per_sm, smem_per_block)
+                                    num_splits, num_sms, smem_per_sm, smem_per_block,
+                                    page_size)
     return KVCachePlan(
         head_dim_padded=int(raw["head_dim_padded"]),
         kernel_head_dim=int(raw["kernel_head_dim"]),
@@ -136,4 +138,5 @@ def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head
 def kvcache_plan(spec: KVCacheSpec) -> KVCachePlan:
     """The plan of a bound kv-cache call on the current CUDA device."""
     return kvcache_plan_for(spec.batch, spec.seqlen_q, spec.nheads, spec.nheads_k,
-                            spec.head_dim, spec.seqlen_cache, spec.num_splits)
+                            spec.head_dim, spec.seqlen_cache, spec.num_splits,
+                            page_size=spec.page_size if spec.paged else 0)
