@@ -196,20 +196,19 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 // ---- kv-cache decode -------------------------------------------------------------
 
 // Split-KV: a decode block costs its tiles plus a fixed overhead (Q load,
-// pipeline fill, epilogue; about two tiles' time, kBlockOverheadTiles), and a
-// round of resident blocks lasts as long as its busiest SM takes. Blocks
-// with short rows (head dim <= 64: half the bytes per tile for the same
-// per-tile work) are latency-bound, so two resident on one SM read about
-// as fast as one: a round of up to `per_sm` blocks per SM (from the tile's
-// shared memory, 1 KB of it reserved per block by the driver, at most 4)
-// takes one block's time. A narrow d = 128 tile reading a contiguous
-// cache keeps enough reads in flight to take its SM's share of DRAM alone,
-// so a second block on the SM adds no bandwidth: there a round holds one
+// pipeline fill, epilogue; about two tiles' time, kBlockOverheadTiles), and
+// a round of resident blocks lasts as long as its busiest SM takes. Most
+// tiles are latency-bound: a block reads about as fast beside another on
+// its SM as alone, so a round of up to `per_sm` blocks per SM (from the
+// tile's shared memory, 1 KB of it reserved per block by the driver, at
+// most 4) takes one block's time. The narrow d = 128 tile on a contiguous
+// cache is not: it keeps enough reads in flight to take its SM's share of
+// DRAM alone, a second block adds no bandwidth, and its rounds hold one
 // block per SM. On an H100, 128 such blocks of twice the keys read 2-7%
-// faster than 256 co-resident ones; not so at d = 64 (6% slower), d = 192
-// (9-14% slower) or on pages of 16 or 64 keys (up to 14% slower; notes
-// entries 49, 50). With `blocks` blocks per split and `wave` blocks a round, s splits
-// take
+// faster than 256 co-resident ones (2% slower at 8k keys x batch 2); the
+// same rule lost 6% at d = 64, 9-14% at d = 192 and up to 14% on pages of
+// 16 or 64 keys (notes entries 49, 50). With `blocks` blocks per split and
+// `wave` blocks a round, s splits take
 //   ceil(blocks * s / wave) rounds x (tiles / s + kBlockOverheadTiles)
 // plus a combine pass (kCombineTiles) when s > 1. A ragged last round costs
 // a whole round: 64 blocks in 9 splits (576 blocks on 264 slots) take three

@@ -215,11 +215,11 @@ def kernel_spec_and_fold(spec: KVCacheSpec, compiled: tuple[int, ...] | None = N
                          mode: str | None = None) -> tuple[KVCacheSpec, int]:
     """The spec the decode kernel runs and its fold factor (fold_factor).
 
-    A folded call splits as the plan splits the folded problem on a
-    contiguous cache (`splits_of(folded spec, contiguous)`: fewer K/V heads
-    on the d=128 tile, one block per SM; csrc/host/plan.cc). Its paged
-    calls too: on pages of 64 and 256 keys these beat the unfolded call
-    (notes, entry 50); two blocks per SM there are untimed. In mode "auto" a
+    A folded call, paged or not, splits as the plan (`splits_of`) splits
+    the folded problem (fewer K/V heads on the d=128 tile) on a contiguous
+    cache: one block per SM (csrc/host/plan.cc). On pages of 64 and 256
+    keys that beats the unfolded call (notes, entry 50); two blocks per SM
+    there are untimed. In mode "auto" a
     call with more than _FOLD_MAX_SPLITS splits (batch 1, or few sequences
     of long caches), splits of fewer than _FOLD_MIN_KEYS_PER_SPLIT keys, or
     pages of fewer than _FOLD_MIN_PAGE_SIZE keys does not fold: the folded
