@@ -63,13 +63,14 @@ def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
     assert "settings" not in jax_flash.info()
 
 
-def test_info_reports_a_switch_it_cannot_read(monkeypatch):
-    monkeypatch.setenv("JAX_FLASH_KVCACHE_KERNELS", "yes")
+@pytest.mark.parametrize("name", ["JAX_FLASH_KVCACHE_KERNELS", "JAX_FLASH_KVCACHE_APPEND",
+                                  "JAX_FLASH_KVCACHE_FOLD"])
+def test_info_reports_a_switch_it_cannot_read(monkeypatch, name):
+    monkeypatch.setenv(name, "yes")
     d = jax_flash.info()
-    assert d["kvcache_path"] == ("unavailable (ValueError: environment variable "
-                                 "JAX_FLASH_KVCACHE_KERNELS: expected '1', '0' or unset, "
-                                 "got 'yes')"), d
-    assert "JAX_FLASH_KVCACHE_KERNELS=yes" in d["settings"]
+    assert d["kvcache_path"] == (f"unavailable (ValueError: environment variable {name}: "
+                                 "expected '1', '0' or unset, got 'yes')"), d
+    assert f"{name}=yes" in d["settings"]
 
 
 def test_info_is_exported():

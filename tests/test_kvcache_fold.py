@@ -59,11 +59,13 @@ def test_fold_factor(monkeypatch, kw, fold):
     assert cuda_kvcache.fold_factor(spec, BUILD) == 1
 
 
+# plan_splits: what the plan gives the folded problem (as it does on an
+# H100 for 8 K/V heads: one split from batch 32 at 8k, four at batch 8).
 @pytest.mark.parametrize("kw,plan_splits,folds", [
-    (dict(seqlen_cache=8192), 1, True),     # batch 32+ at 8k: one split
-    (dict(seqlen_cache=32768), 4, True),    # batch 8 at 32k: four of 8192 keys
-    (dict(seqlen_cache=8192), 4, False),    # batch 8 at 8k: four of 2048 keys, too short
-    (dict(seqlen_cache=131072), 32, False),  # batch 1 at 128k: too many splits
+    (dict(seqlen_cache=8192), 1, True),     # one split
+    (dict(seqlen_cache=32768), 4, True),    # four of 8192 keys
+    (dict(seqlen_cache=8192), 4, False),    # four of 2048 keys: too short
+    (dict(seqlen_cache=131072), 16, False),  # too many splits (batch 1)
     (dict(seqlen_cache=32768, num_splits=3), 3, True),  # asked for: kept
     (dict(seqlen_cache=32768, num_splits=8), 8, False),
     (dict(seqlen_cache=128, num_splits=8), 2, False),  # clamped by the plan to 2 tiles: too short

@@ -166,5 +166,5 @@ NB_MODULE(_C, m) {
         "(num_splits 0: automatic) and the split scratch shapes, for a device of num_sms "
         "multiprocessors with smem_per_sm / smem_per_block bytes of shared memory "
         "(smem_per_block 0: unknown, the wide tile), or for the current CUDA device when "
-        "num_sms is 0.");
+        "num_sms is 0; page_size: keys per page of a paged cache, 0 contiguous.");
 }

@@ -217,7 +217,7 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   problem.head_dim = z.head_dim;
   problem.seqlen_cache = z.seqlen_cache;
   problem.num_splits = splits;
-  problem.page_size = z.page_size;
+  problem.page_size = attrs.paged ? z.page_size : 0;
   DeviceInfo device;
   if (!current_device_info(&device).empty()) device = DeviceInfo{};
   KVCachePlan plan;

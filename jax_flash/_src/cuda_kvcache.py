@@ -43,7 +43,7 @@ runs appends on the append kernel, "0" in JAX, unset APPEND_DEFAULT (off:
 it passes the GPU tests but was not faster than XLA's fused update; the
 README's kv-cache section). JAX_FLASH_KVCACHE_FOLD unset folds head dim
 64 under the rule of `kernel_spec_and_fold`, fitted to the timed rows
-(notes entries 44-45, 47-48), "1" folds head dims 32 and 64 wherever
+(notes entries 44-45, 47-48, 50), "1" folds head dims 32 and 64 wherever
 `fold_factor` allows (d = 32 is not yet timed), "0" never. Any other
 value of a switch raises a ValueError naming it.
 """

@@ -237,6 +237,7 @@ def info() -> dict[str, Any]:
     from jax_flash._src import cuda_kvcache
 
     try:
+        cuda_kvcache.switches()  # every switch: a misspelt one fails each call
         d["kvcache_path"] = (path_for(backend, will_run) if cuda_kvcache.enabled() else
                              REFERENCE_PATH)
     except ValueError as e:  # a switch set to a value it does not take
