@@ -19,7 +19,7 @@ Every case feeds the kernels tables no caller should send: lengths past the
 capacity and negative, block_table entries and cache_batch_idx out of range
 (both signs), cache_leftpad past the length, empty sequences, windows wider
 than everything, a one-row cache, pages of one row; contiguous and paged
-caches (page sizes 1, 16, 48), one split, three, and the automatic choice;
+caches (page sizes 1, 16, 48), one split, three, nine, and the automatic choice;
 with and without an append and rotary. The result must be the reference's
 clamped one (FlashAttention's error rule) and finite. Exit status 1 on any
 mismatch; memcheck reports any read or write outside a buffer.
@@ -82,6 +82,11 @@ def cases(quick):
         yield f"d{head_dim}-many-rows", dict(batch=2, head_dim=head_dim, heads=(32, 1),
                                             seqlen_q=16, seqlen_cache=300, page_size=16,
                                             adversarial=True), dict(causal=True), 0
+        # Splits enough for the combine to merge groups of threads through
+        # shared memory, rows that leave the last combine block a row short.
+        yield f"d{head_dim}-many-splits", dict(batch=3, head_dim=head_dim, heads=(3, 1),
+                                              seqlen_q=3, seqlen_cache=700,
+                                              adversarial=True), dict(causal=True), 9
     yield "d40-padded", dict(batch=2, head_dim=40, seqlen_cache=100, seqlen_new=1,
                              adversarial=True), {}, 2
 

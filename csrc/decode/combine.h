@@ -16,114 +16,149 @@
 
 namespace jax_flash::decode {
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, mask));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) x += __shfl_xor_sync(0xffffffffu, x, mask);
-  return x;
-}
-
-// A block per row. Lane j of every warp loads the LSEs of splits
-// kCombineWarps * j ... kCombineWarps * j + kCombineWarps - 1 once, into
-// registers, so the row's max, sum and each split's weight come from one
-// round of loads. Warp w then sums the outputs of splits w, w + kCombineWarps,
-// ... (lane j holds split w + kCombineWarps * j's weight: the register of
-// index w), and the warps' sums are added through shared memory. Splits are
-// many when rows are few (batch 1: 32 rows and 33 splits on an H100), so the
-// loads of one row must be in flight together, not one after another: two
-// rounds of loads per row (the LSEs, then the partial outputs).
-constexpr int kCombineWarps = 8;
+// One round of loads per row. Thread (quad, g, r) of a block takes float4
+// column `quad` of row blockIdx.x * rows_per_block + r over the splits
+// g, g + G, g + 2G, ... (G = blockDim.y): it loads their LSEs and partial
+// rows together, kCombineBatch splits at a time (one batch when there are at
+// most kCombineBatch * G splits, the usual case), and keeps its own max,
+// sum and weighted sum, as the online softmax does. With G > 1 the groups
+// of a column then merge through shared memory. Only the splits that exist
+// are read, so a few splits cost a few loads and instructions per thread.
+//
+// Every split block writes its rows (an empty split: O = 0, L = -inf), so
+// every partial row read here was written.
+constexpr int kCombineBatch = 4;
 constexpr int kCombineMaxHeadDim = 256;  // the largest compiled head dim
-constexpr int kSplitsPerWarp = kMaxSplits / kCombineWarps;
-static_assert(kMaxSplits % kCombineWarps == 0 && kSplitsPerWarp <= 32,
-              "lane j of warp w holds split w + kCombineWarps * j's LSE and weight");
+constexpr int kCombineMaxThreads = 512;  // per row: (head_dim / 4) x G
+constexpr int kCombineBlockThreads = 128;  // rows per block: as many as fill this
 
-// Grid: batch * nheads * seqlen_q blocks of 32 * kCombineWarps threads. Row
-// index = (b * nheads + h) * seqlen_q + i, lse's layout.
+struct CombineShape {
+  int groups;          // G: threads per column of a row
+  int rows_per_block;  // R
+};
+
+// G: one batch of splits per thread where the row's threads allow it.
+__host__ __device__ inline CombineShape combine_shape(int num_splits, int head_dim) {
+  const int quads = head_dim / 4;
+  const int max_groups = kCombineMaxThreads / quads > 1 ? kCombineMaxThreads / quads : 1;
+  int groups = (num_splits + kCombineBatch - 1) / kCombineBatch;
+  groups = groups < 1 ? 1 : groups > max_groups ? max_groups : groups;
+  const int per_row = quads * groups;
+  const int rows = kCombineBlockThreads / per_row > 1 ? kCombineBlockThreads / per_row : 1;
+  return CombineShape{groups, rows};
+}
+
+// Shared memory of one block: per (row, group) its max and sum, and per
+// (row, group, column) its weighted sum.
+__host__ __device__ inline int combine_smem_bytes(const CombineShape& shape, int head_dim) {
+  if (shape.groups == 1) return 0;
+  return shape.rows_per_block * shape.groups * (head_dim / 4 * 16 + 2 * 4);
+}
+
+__device__ __forceinline__ float4 fma4(float w, const float4& a, const float4& acc) {
+  return make_float4(fmaf(w, a.x, acc.x), fmaf(w, a.y, acc.y), fmaf(w, a.z, acc.z),
+                     fmaf(w, a.w, acc.w));
+}
+
+__device__ __forceinline__ float4 scale4(float w, const float4& a) {
+  return make_float4(w * a.x, w * a.y, w * a.z, w * a.w);
+}
+
+// exp(x - max) with the -inf max of a group that has seen nothing (every x
+// -inf too) giving 0, not NaN.
+__device__ __forceinline__ float weight_of(float x, float max) {
+  return max == -INFINITY ? 0.f : expf(x - max);
+}
+
+// Grid: ceil(rows / R) blocks of (head_dim / 4, G, R) threads, shared memory
+// combine_smem_bytes. Row index = (b * nheads + h) * seqlen_q + i, lse's
+// layout.
 template <typename Element>
-__global__ void __launch_bounds__(32 * kCombineWarps) decode_combine_kernel(
+__global__ void __launch_bounds__(kCombineMaxThreads) decode_combine_kernel(
     const DecodeParams p) {
-  __shared__ float4 warp_sums[kCombineWarps][kCombineMaxHeadDim / 4];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  extern __shared__ __align__(16) char combine_smem[];
+  const int quad = threadIdx.x, g = threadIdx.y, r = threadIdx.z;
+  const int quads = blockDim.x, groups = blockDim.y;
   const int64_t rows = int64_t(p.batch) * p.nheads * p.seqlen_q;
-  const int64_t row = blockIdx.x;
-  const float* lse_s = p.lse_accum_ptr + row;  // split s at lse_s[s * rows]
+  const int64_t row = int64_t(blockIdx.x) * blockDim.z + r;
+  // The last block's rows past the end load nothing and write nothing, but
+  // stay for the barrier.
+  const bool live = row < rows;
+  const int64_t rw = live ? row : 0;
+  const float* lse_s = p.lse_accum_ptr + rw;  // split s at lse_s[s * rows]
+  const float4* o_s = reinterpret_cast<const float4*>(p.o_accum_ptr + rw * p.head_dim) + quad;
+  const int64_t o_split_stride = rows * (p.head_dim / 4);  // in float4
 
-  float split_lse[kCombineWarps];
-  float max = -INFINITY;
+  // ---- This thread's splits, kCombineBatch loads of each kind in flight ----
+  float max = -INFINITY, sum = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int num_splits = live ? p.num_splits : 0;
+  for (int s0 = g; s0 < num_splits; s0 += kCombineBatch * groups) {
+    float lse[kCombineBatch];
+    float4 part[kCombineBatch];
 #pragma unroll
-  for (int k = 0; k < kCombineWarps; ++k) {
-    const int s = kCombineWarps * lane + k;
-    split_lse[k] = s < p.num_splits ? lse_s[s * rows] : -INFINITY;
-    max = fmaxf(max, split_lse[k]);
-  }
-  max = warp_max(max);
-  float lse = INFINITY;  // no visible key
-  float mine = -INFINITY;  // this lane's split of this warp: kCombineWarps * lane + warp
-  if (max != -INFINITY) {
-    float sum = 0.f;
-#pragma unroll
-    for (int k = 0; k < kCombineWarps; ++k) {
-      sum += expf(split_lse[k] - max);  // exp(-inf) = 0 for splits past the last
-      if (k == warp) mine = split_lse[k];
+    for (int j = 0; j < kCombineBatch; ++j) {
+      const int s = s0 + j * groups;
+      const bool valid = s < num_splits;
+      lse[j] = valid ? lse_s[int64_t(s) * rows] : -INFINITY;
+      part[j] = valid ? o_s[s * o_split_stride] : make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    lse = max + logf(warp_sum(sum));  // sum >= 1: the max's own term
+    float batch_max = max;
+#pragma unroll
+    for (int j = 0; j < kCombineBatch; ++j) batch_max = fmaxf(batch_max, lse[j]);
+    const float rescale = weight_of(max, batch_max);
+    sum *= rescale;
+    acc = scale4(rescale, acc);
+#pragma unroll
+    for (int j = 0; j < kCombineBatch; ++j) {
+      const float w = weight_of(lse[j], batch_max);
+      sum += w;
+      // A split of weight 0 (empty, or far below the max) adds nothing,
+      // not 0 * inf.
+      if (w != 0.f) acc = fma4(w, part[j], acc);
+    }
+    max = batch_max;
   }
-  const float weight = expf(mine - lse);  // 0 when mine = -inf; lse = inf only with mine = -inf
 
-  const int chunks = p.head_dim / 4;  // float4 columns; head_dim is a multiple of 8
-  for (int c0 = 0; c0 < chunks; c0 += 32) {  // every lane runs the loop: the shuffles
-    const int c = c0 + lane;
-    // All of this warp's loads are issued before the first is used: a fixed
-    // count, predicated, rather than a loop over the row's splits.
-    float4 part[kSplitsPerWarp];
-    float w[kSplitsPerWarp];
-#pragma unroll
-    for (int j = 0; j < kSplitsPerWarp; ++j) {
-      w[j] = __shfl_sync(0xffffffffu, weight, j);
-      // Empty splits (w = 0: splits past the last, often most of them for
-      // short sequences in a long cache, and every split of a row without
-      // keys) are skipped without reading their rows.
-      const int64_t s = warp + kCombineWarps * j;
-      part[j] = w[j] != 0.f && c < chunks
-                    ? reinterpret_cast<const float4*>(p.o_accum_ptr + (s * rows + row) * p.head_dim)[c]
-                    : make_float4(0.f, 0.f, 0.f, 0.f);
+  // ---- The column's groups, merged through shared memory ----
+  if (groups > 1) {
+    float4* s_acc = reinterpret_cast<float4*>(combine_smem);  // (R, G, quads)
+    float* s_max = reinterpret_cast<float*>(s_acc + blockDim.z * groups * quads);  // (R, G)
+    float* s_sum = s_max + blockDim.z * groups;
+    const int group_row = r * groups + g;
+    s_acc[group_row * quads + quad] = acc;
+    if (quad == 0) {
+      s_max[group_row] = max;
+      s_sum[group_row] = sum;
     }
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int j = 0; j < kSplitsPerWarp; ++j) {
-      o.x += w[j] * part[j].x;
-      o.y += w[j] * part[j].y;
-      o.z += w[j] * part[j].z;
-      o.w += w[j] * part[j].w;
+    __syncthreads();
+    if (g != 0 || !live) return;
+    max = -INFINITY;
+    for (int k = 0; k < groups; ++k) max = fmaxf(max, s_max[r * groups + k]);
+    sum = 0.f;
+    acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < groups; ++k) {
+      const float w = weight_of(s_max[r * groups + k], max);
+      sum += w * s_sum[r * groups + k];
+      if (w != 0.f) acc = fma4(w, s_acc[(r * groups + k) * quads + quad], acc);
     }
-    if (c < chunks) warp_sums[warp][c] = o;
   }
-  __syncthreads();
 
+  if (!live) return;
+  // ---- o = sum_s exp(L_s - lse) O_s, lse = max + log(sum) ----
+  // sum >= 1 when max is finite: the max's own term. No visible key in any
+  // split: o = 0 and lse = +inf.
+  const bool empty = max == -INFINITY;
+  const float inv = empty ? 0.f : 1.f / sum;
   const int i = static_cast<int>(row % p.seqlen_q);
   const int64_t bh = row / p.seqlen_q;
   const int head = static_cast<int>(bh % p.nheads);
   const int64_t b = bh / p.nheads;
-  Element* out = static_cast<Element*>(p.o_ptr) + ((b * p.seqlen_q + i) * p.nheads + head) * p.head_dim;
-  for (int c = threadIdx.x; c < chunks; c += 32 * kCombineWarps) {
-    float4 o = warp_sums[0][c];
-#pragma unroll
-    for (int w = 1; w < kCombineWarps; ++w) {
-      o.x += warp_sums[w][c].x;
-      o.y += warp_sums[w][c].y;
-      o.z += warp_sums[w][c].z;
-      o.w += warp_sums[w][c].w;
-    }
-    *reinterpret_cast<uint2*>(out + 4 * c) =
-        make_uint2(pack2<Element>(o.x, o.y), pack2<Element>(o.z, o.w));
-  }
-  if (threadIdx.x == 0) p.lse_ptr[row] = lse;
+  Element* out = static_cast<Element*>(p.o_ptr) +
+                 ((b * p.seqlen_q + i) * p.nheads + head) * p.head_dim + 4 * quad;
+  *reinterpret_cast<uint2*>(out) = make_uint2(pack2<Element>(acc.x * inv, acc.y * inv),
+                                              pack2<Element>(acc.z * inv, acc.w * inv));
+  if (quad == 0) p.lse_ptr[row] = empty ? INFINITY : max + logf(sum);
 }
 
 }  // namespace jax_flash::decode

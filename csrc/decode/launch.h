@@ -40,9 +40,12 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   if (err != cudaSuccess || params.num_splits == 1) return err;
   static_assert(kHeadDim <= kCombineMaxHeadDim, "the combine kernel's shared sums");
   const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
-  if (rows > int64_t{0x7fffffff}) return cudaErrorInvalidConfiguration;  // a block per row
-  decode_combine_kernel<Element>
-      <<<static_cast<unsigned>(rows), 32 * kCombineWarps, 0, stream>>>(params);
+  if (rows > int64_t{0x7fffffff}) return cudaErrorInvalidConfiguration;  // grid x
+  const CombineShape shape = combine_shape(params.num_splits, params.head_dim);
+  const int64_t blocks = (rows + shape.rows_per_block - 1) / shape.rows_per_block;
+  const dim3 threads(params.head_dim / 4, shape.groups, shape.rows_per_block);
+  decode_combine_kernel<Element><<<static_cast<unsigned>(blocks), threads,
+                                   combine_smem_bytes(shape, params.head_dim), stream>>>(params);
   return cudaGetLastError();
 }
 
