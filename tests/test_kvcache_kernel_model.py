@@ -136,12 +136,12 @@ def test_split_plan():
 
 @requires_extension
 def test_split_plan_resident_blocks_by_head_dim():
-    # A narrow d=128 block on a contiguous cache takes its SM's share of
+    # A narrow d=128 block on a contiguous cache takes an H100 SM's share of
     # bandwidth alone: the automatic count fills the SMs one block each.
     # d=64 blocks, and d=128 ones on pages, gain from a second one on the
     # SM: their count fills two a SM.
     plan = extension._C.kvcache_plan
-    h100 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448)
+    h100 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448, dram_gbps=3352)
     compiled = extension.compiled_head_dims()
     if 128 not in compiled and 64 not in compiled:
         pytest.skip("needs head dim 64 or 128 compiled")
@@ -155,3 +155,18 @@ def test_split_plan_resident_blocks_by_head_dim():
         if 64 in compiled:
             p = plan(batch, 1, 32, 8, 64, context, 0, **h100)
             assert p["narrow"] and 132 < batch * 8 * p["num_splits"] <= 264, (batch, context, p)
+
+
+@requires_extension
+def test_split_plan_keeps_two_blocks_where_one_cannot_take_the_bandwidth():
+    # An H200 SM's share of DRAM (4.9 TB/s on 132 SMs) is more than one
+    # narrow d=128 block reads: two a SM, as on a device of unknown bandwidth.
+    if 128 not in extension.compiled_head_dims():
+        pytest.skip("needs head dim 128 compiled")
+    plan = extension._C.kvcache_plan
+    h200 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448)
+    for bandwidth in (4915, 0):
+        for batch, context in ((1, 8192), (1, 32768), (1, 131072), (4, 8192), (8, 32768)):
+            p = plan(batch, 1, 32, 8, 128, context, 0, **h200, dram_gbps=bandwidth)
+            assert p["narrow"] and p["dram_gbps"] == bandwidth
+            assert 132 < batch * 8 * p["num_splits"] <= 264, (bandwidth, batch, context, p)

@@ -95,6 +95,7 @@ struct DeviceInfo {
   int num_sms = 0;
   int smem_per_sm = 0;     // bytes of shared memory per multiprocessor
   int smem_per_block = 0;  // bytes one block may opt in to; 0: unknown (the wide tile)
+  int dram_gbps = 0;       // peak DRAM bandwidth, GB/s; 0: unknown
 };
 
 struct KVCachePlan {
