@@ -202,14 +202,15 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 // its SM as alone, so a round of up to `per_sm` blocks per SM (from the
 // tile's shared memory, 1 KB of it reserved per block by the driver, at
 // most 4) takes one block's time. The narrow d = 128 tile on a contiguous
-// cache reads about kOneBlockGBps alone, which is an H100's share of DRAM
-// per SM: there a second block adds no bandwidth, and its rounds hold one
-// block per SM. On an H100, 128 such blocks of twice the keys read 2-7%
-// faster than 256 co-resident ones (2% slower at 8k keys x batch 2); the
-// same rule lost 6% at d = 64, 9-14% at d = 192 and up to 14% on pages of
-// 16 or 64 keys (notes entries 49, 50), and 20-24% on an H200, whose share
-// is 37 GB/s an SM (entry 53): devices of more bandwidth per SM, or of
-// unknown bandwidth, keep two. With `blocks` blocks per split and
+// cache reads about 25 GB/s alone, an H100's share of DRAM per SM: there
+// a second block adds no bandwidth, and its rounds hold one block per SM.
+// On an H100, 128 such blocks of twice the keys read 2-7% faster than 256
+// co-resident ones (2% slower at 8k keys x batch 2); the same rule lost 6%
+// at d = 64, 9-14% at d = 192 and up to 14% on pages of 16 or 64 keys
+// (notes entries 49, 50), and held an H200 (37 GB/s an SM) to 0.74-0.81x
+// cuDNN where two blocks read 0.98x (entry 54). So it takes devices of at
+// most kOneBlockGBps an SM; others, and devices of unknown bandwidth, keep
+// the resident count. With `blocks` blocks per split and
 // `wave` blocks a round, s splits take
 //   ceil(blocks * s / wave) rounds x (tiles / s + kBlockOverheadTiles)
 // plus a combine pass (kCombineTiles) when s > 1. A ragged last round costs
@@ -233,7 +234,7 @@ int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
   constexpr double kBlockOverheadTiles = 2.0;
   constexpr double kCombineTiles = 1.0;
   constexpr double kMinGain = 0.95;
-  constexpr int kOneBlockGBps = 28;  // per SM: one block on the SM keeps up
+  constexpr int kOneBlockGBps = 28;  // DRAM GB/s per SM that one such block keeps up with
   const int smem =
       decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow) + kReservedSmemPerBlock;
   const int resident = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
