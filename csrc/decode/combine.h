@@ -8,6 +8,7 @@
 // a key of (every L_s = -inf) gets o = 0 and lse = +inf.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "params.h"
@@ -38,19 +39,16 @@ struct CombineShape {
 };
 
 // G: one batch of splits per thread where the row's threads allow it.
-__host__ __device__ inline CombineShape combine_shape(int num_splits, int head_dim) {
+inline CombineShape combine_shape(int num_splits, int head_dim) {
   const int quads = head_dim / 4;
-  const int max_groups = kCombineMaxThreads / quads > 1 ? kCombineMaxThreads / quads : 1;
-  int groups = (num_splits + kCombineBatch - 1) / kCombineBatch;
-  groups = groups < 1 ? 1 : groups > max_groups ? max_groups : groups;
-  const int per_row = quads * groups;
-  const int rows = kCombineBlockThreads / per_row > 1 ? kCombineBlockThreads / per_row : 1;
-  return CombineShape{groups, rows};
+  const int groups = std::clamp((num_splits + kCombineBatch - 1) / kCombineBatch, 1,
+                                std::max(kCombineMaxThreads / quads, 1));
+  return CombineShape{groups, std::max(kCombineBlockThreads / (quads * groups), 1)};
 }
 
 // Shared memory of one block: per (row, group) its max and sum, and per
 // (row, group, column) its weighted sum.
-__host__ __device__ inline int combine_smem_bytes(const CombineShape& shape, int head_dim) {
+inline int combine_smem_bytes(const CombineShape& shape, int head_dim) {
   if (shape.groups == 1) return 0;
   return shape.rows_per_block * shape.groups * (head_dim / 4 * 16 + 2 * 4);
 }
@@ -84,9 +82,10 @@ __global__ void __launch_bounds__(kCombineMaxThreads) decode_combine_kernel(
   // The last block's rows past the end load nothing and write nothing, but
   // stay for the barrier.
   const bool live = row < rows;
-  const int64_t rw = live ? row : 0;
-  const float* lse_s = p.lse_accum_ptr + rw;  // split s at lse_s[s * rows]
-  const float4* o_s = reinterpret_cast<const float4*>(p.o_accum_ptr + rw * p.head_dim) + quad;
+  const int64_t safe_row = live ? row : 0;
+  const float* lse_s = p.lse_accum_ptr + safe_row;  // split s at lse_s[s * rows]
+  const float4* o_s =
+      reinterpret_cast<const float4*>(p.o_accum_ptr + safe_row * p.head_dim) + quad;
   const int64_t o_split_stride = rows * (p.head_dim / 4);  // in float4
 
   // ---- This thread's splits, kCombineBatch loads of each kind in flight ----
