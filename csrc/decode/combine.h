@@ -88,6 +88,10 @@ __global__ void __launch_bounds__(kCombineMaxThreads) decode_combine_kernel(
       reinterpret_cast<const float4*>(p.o_accum_ptr + safe_row * p.head_dim) + quad;
   const int64_t o_split_stride = rows * (p.head_dim / 4);  // in float4
 
+  // Launched as the split kernel's dependent: its partial rows are written
+  // once this returns.
+  wait_prerequisites();
+
   // ---- This thread's splits, kCombineBatch loads of each kind in flight ----
   float max = -INFINITY, sum = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);

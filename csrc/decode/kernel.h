@@ -363,6 +363,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
   }
 
   // ---- Epilogue ----
+  // The combine (launch.h) may take the SM slots this block's last reads
+  // leave; it waits for this grid's writes before reading them.
+  launch_dependents();
   // No copy may still land in the stages the epilogue reuses.
   cp_async_wait<0>();
   __syncthreads();

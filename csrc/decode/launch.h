@@ -15,6 +15,24 @@
 
 namespace jax_flash::decode {
 
+// The combine is launched as the split kernel's programmatic dependent on
+// sm_90 and later (ptx.h): its launch and setup overlap the split kernel's
+// last blocks instead of following the whole grid's exit. The compute
+// capability is asked once per device.
+inline bool programmatic_launch() {
+  constexpr int kMaxDevices = 64;
+  static int major_of[kMaxDevices] = {};  // 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device >= kMaxDevices) return false;
+  if (major_of[device] == 0 &&
+      cudaDeviceGetAttribute(&major_of[device], cudaDevAttrComputeCapabilityMajor, device) !=
+          cudaSuccess) {
+    return false;
+  }
+  return major_of[device] >= 9;
+}
+
 template <typename Traits>
 cudaError_t launch_split_kernel(const DecodeParams& params, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
@@ -43,10 +61,19 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   if (rows > int64_t{0x7fffffff}) return cudaErrorInvalidConfiguration;  // grid x
   const CombineShape shape = combine_shape(params.num_splits, params.head_dim);
   const int64_t blocks = (rows + shape.rows_per_block - 1) / shape.rows_per_block;
-  const dim3 threads(params.head_dim / 4, shape.groups, shape.rows_per_block);
-  decode_combine_kernel<Element><<<static_cast<unsigned>(blocks), threads,
-                                   combine_smem_bytes(shape, params.head_dim), stream>>>(params);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(params.head_dim / 4, shape.groups, shape.rows_per_block);
+  config.dynamicSmemBytes = combine_smem_bytes(shape, params.head_dim);
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (programmatic_launch()) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, decode_combine_kernel<Element>, params);
 }
 
 }  // namespace jax_flash::decode

@@ -2,7 +2,8 @@
 //
 // The sm80 instructions the decode kernels use, one wrapper each: cp.async
 // (global -> shared, 16 B, zero-filling), ldmatrix, mma.sync m16n8k16 with
-// float32 accumulators, and the fast exp2/tanh. Register layouts are those of
+// float32 accumulators, the fast exp2/tanh, and sm_90's grid dependency
+// control (no-ops on earlier devices). Register layouts are those of
 // the PTX ISA ("Matrix Fragments for mma.m16n8k16"); with g = lane / 4 and
 // t = lane % 4 a thread holds
 //   A (16 x 16, row-major) a0 = A[g][2t..2t+1]   a1 = A[g+8][2t..2t+1]
@@ -43,6 +44,26 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ---- Programmatic dependent launch (sm_90; no-ops before) ----------------------
+// A grid launched with programmatic stream serialization (launch.h) may
+// start while the grid before it on the stream still runs: it must wait
+// before reading what that grid writes, and wait_prerequisites() returns
+// once that grid has exited and its writes are visible. The grid before
+// lets it start early with launch_dependents(), from every block (or when
+// blocks exit); where that is said only sets how soon the dependent's
+// blocks take SM slots, never what the wait guarantees.
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 // ---- Shared -> registers -------------------------------------------------------
