@@ -11,6 +11,11 @@
 #   benchmods  bench_modifiers.py (BENCH_MODS_ARGS)
 #   benchvarlen  bench_varlen.py (BENCH_VARLEN_ARGS)
 #   benchdecode  bench_decode.py (BENCH_DECODE_ARGS): kv-cache decode
+#   decodegrid   bench_decode.py's three standing tables, 10 repeats: the
+#              contiguous grid (d=64, 128; 8k-128k; batch 1-64) against
+#              cuDNN, paged caches, Pallas and the append at 32k (batch 8,
+#              32), and d=256 (32k, 128k; batch 1, 8, 32); JSON tagged
+#              DECODE_TAG (default grid), _paged, _d256
 #   benchtrain bench_train_step.py (BENCH_TRAIN_ARGS): a GPT training step
 #              with jax_flash, cuDNN and XLA attention
 #   benchvariants  bench_variants.py (BENCH_VARIANTS_ARGS): every call on every
@@ -81,6 +86,15 @@ for step in ${STEPS:-}; do
     benchdecode) python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" ${BENCH_DECODE_ARGS:-} 2>&1 |
                    tee "$OUT/bench_decode.log" | tail -60
                  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    decodegrid)
+      tag=${DECODE_TAG:-grid}
+      for table in "--kinds decode --impls jax_flash,cudnn --headdims 64,128 --tag $tag" \
+          "--kinds decode,paged,append --impls jax_flash,pallas_paged --headdims 64,128 --contexts 32768 --batches 8,32 --tag ${tag}_paged" \
+          "--kinds decode --impls jax_flash,cudnn --headdims 256 --contexts 32768,131072 --batches 1,8,32 --tag ${tag}_d256"; do
+        python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" --repeats 10 $table 2>&1 |
+          tee -a "$OUT/bench_decode.log" | grep -A40 "^GB/s"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      done ;;
     benchtrain) python3 "$repo/benchmarks/bench_train_step.py" --out "$OUT" ${BENCH_TRAIN_ARGS:-} 2>&1 |
                   tee "$OUT/bench_train.log" | tail -20
                 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
