@@ -2,7 +2,10 @@
 //
 // The only place that launches the decode kernels: the split kernel of the
 // plan's tile (narrow or wide) with its grid and shared memory, then
-// (num_splits > 1) the combine kernel, on one stream.
+// (num_splits > 1) the combine kernel, on one stream. On sm_90 and later
+// the combine is the split kernel's programmatic dependent (ptx.h): its
+// launch and setup overlap the split grid's last blocks instead of
+// following the grid's exit.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,24 +17,6 @@
 #include "traits.h"
 
 namespace jax_flash::decode {
-
-// The combine is launched as the split kernel's programmatic dependent on
-// sm_90 and later (ptx.h): its launch and setup overlap the split kernel's
-// last blocks instead of following the whole grid's exit. The compute
-// capability is asked once per device.
-inline bool programmatic_launch() {
-  constexpr int kMaxDevices = 64;
-  static int major_of[kMaxDevices] = {};  // 0: not asked yet
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (device >= kMaxDevices) return false;
-  if (major_of[device] == 0 &&
-      cudaDeviceGetAttribute(&major_of[device], cudaDevAttrComputeCapabilityMajor, device) !=
-          cudaSuccess) {
-    return false;
-  }
-  return major_of[device] >= 9;
-}
 
 template <typename Traits>
 cudaError_t launch_split_kernel(const DecodeParams& params, cudaStream_t stream) {
@@ -69,7 +54,7 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   cudaLaunchAttribute attribute = {};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
-  if (programmatic_launch()) {
+  if (params.dependent_combine) {
     config.attrs = &attribute;
     config.numAttrs = 1;
   }

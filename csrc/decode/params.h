@@ -72,6 +72,9 @@ struct DecodeParams {
   int num_splits = 1;   // 1: the kernel writes o and lse itself
   bool narrow = false;  // the tile: decode_tile(head_dim, narrow) (decode/tile.h)
   int m_blocks = 1;     // row blocks of that tile's block_m per K/V head
+  // Launch the combine as the split kernel's programmatic dependent
+  // (sm_90 and later; decode/launch.h).
+  bool dependent_combine = false;
   // Origins of the grid's y (K/V head) and z (batch) axes: launch_grids
   // (common/launch.h) splits grids past 65535 along them.
   int grid_batch0 = 0;

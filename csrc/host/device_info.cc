@@ -40,6 +40,10 @@ std::string current_device_info(DeviceInfo* info) {
               cudaSuccess) {
         d.dram_gbps = static_cast<int>(2.0 * clock_khz * 1e3 * (bus_bits / 8) / 1e9);
       }
+      if (cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device) !=
+          cudaSuccess) {
+        d.cc_major = 0;
+      }
       cudaGetLastError();
       cache[device] = d;
       *info = d;

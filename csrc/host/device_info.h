@@ -1,9 +1,9 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
 // The current CUDA device's multiprocessor count, shared memory (per
-// multiprocessor, and per block with the opt-in) and peak DRAM bandwidth,
-// for the decode plan's tile and splits (host/plan.h), asked from the CUDA
-// runtime once per device and cached.
+// multiprocessor, and per block with the opt-in), peak DRAM bandwidth and
+// compute capability, for the decode plan's tile and splits (host/plan.h)
+// and its launches, asked from the CUDA runtime once per device and cached.
 #pragma once
 
 #include <string>

@@ -262,6 +262,7 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   p.num_splits = splits;
   p.narrow = plan.narrow;
   p.m_blocks = static_cast<int>(plan.m_blocks);
+  p.dependent_combine = device.cc_major >= 9;
   const cudaError_t launch =
       run_decode(plan, in.q.type == ElementType::kF16 ? Dtype::kFloat16 : Dtype::kBFloat16, p,
                  stream);

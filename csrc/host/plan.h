@@ -96,6 +96,7 @@ struct DeviceInfo {
   int smem_per_sm = 0;     // bytes of shared memory per multiprocessor
   int smem_per_block = 0;  // bytes one block may opt in to; 0: unknown (the wide tile)
   int dram_gbps = 0;       // peak DRAM bandwidth, GB/s; 0: unknown
+  int cc_major = 0;        // compute capability's major number; 0: unknown
 };
 
 struct KVCachePlan {
