@@ -54,10 +54,8 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   cudaLaunchAttribute attribute = {};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
-  if (params.dependent_combine) {
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
+  config.attrs = &attribute;
+  config.numAttrs = params.dependent_combine ? 1 : 0;
   return cudaLaunchKernelEx(&config, decode_combine_kernel<Element>, params);
 }
 
