@@ -20,9 +20,10 @@
 #              with jax_flash, cuDNN and XLA attention
 #   benchvariants  bench_variants.py (BENCH_VARIANTS_ARGS): every call on every
 #              kernel variant that covers it (what a smaller build costs)
-#   sanitize   compute-sanitizer memcheck, racecheck and initcheck, one after
-#              another, over scripts/sanitize_kvcache.py (the decode kernels'
-#              adversarial cases; SANITIZE_ONLY: its --only filter)
+#   sanitize   compute-sanitizer memcheck (every case, four processes),
+#              racecheck and initcheck (--quick), one after another, over
+#              scripts/sanitize_kvcache.py (the decode kernels' adversarial
+#              cases; SANITIZE_ONLY: its --only filter)
 #   breakdown  per-kernel times of a training step under ncu
 #              (BREAKDOWN: "batch,seqlen,nheads,head_dim ..." shapes)
 #   ncu        ncu sections (throughput, warp stalls, memory) of the forward and
@@ -114,10 +115,16 @@ for step in ${STEPS:-}; do
           racecheck) opts="--kernel-name kns=decode_" ;;
           initcheck) opts="--check-api-memory-access no" ;;
         esac
-        quick=$([ "$tool" = memcheck ] || echo --quick)
-        "$cs" --tool "$tool" $opts --error-exitcode 3 python3 "$repo/scripts/sanitize_kvcache.py" \
-          $quick ${SANITIZE_ONLY:+--only "$SANITIZE_ONLY"} > "$OUT/sanitize_$tool.log" 2>&1 || rc=1
-        echo "-- $tool: $(tail -1 "$OUT/sanitize_$tool.log")"
+        # memcheck runs every case, in four processes (one process over
+        # all of them can crash in XLA's compile); the others --quick.
+        parts=1/1; quick=--quick
+        [ "$tool" = memcheck ] && parts="1/4 2/4 3/4 4/4" && quick=""
+        for part in $parts; do
+          log="$OUT/sanitize_${tool}_${part%/*}.log"
+          "$cs" --tool "$tool" $opts --error-exitcode 3 python3 "$repo/scripts/sanitize_kvcache.py" \
+            $quick --part "$part" ${SANITIZE_ONLY:+--only "$SANITIZE_ONLY"} > "$log" 2>&1 || rc=1
+          echo "-- $tool $part: $(grep "cases ok" "$log" | tail -1); $(grep "ERROR SUMMARY\|RACECHECK SUMMARY" "$log" | tail -1)"
+        done
       done ;;
     breakdown)
       ncu=$(find_tool ncu "/opt/nvidia/nsight-compute/*/ncu")

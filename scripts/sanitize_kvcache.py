@@ -32,8 +32,11 @@ is reported on its own; autotuning is off: it launches XLA's candidate
 GEMM kernels, and under racecheck one of them raised a hardware exception
 the tool could not attribute (our kernels are what is checked here).
 `--only d64-page16,d40` runs the cases whose names contain one of the
-strings. Run one tool at a time: several sanitized processes at once
-crashed the tools.
+strings; `--part 2/4` every fourth case from the second. Run one tool at a
+time: several sanitized processes at once crashed the tools, and a
+memcheck process that runs every case can crash (SIGSEGV in XLA's compile
+after about 25 cases) where each part alone passes: gpu_run.sh runs
+memcheck in four parts.
 """
 
 import argparse
@@ -121,11 +124,17 @@ def main():
                    help="one head dim, three splits only (racecheck and initcheck are slow)")
     p.add_argument("--only", default="",
                    help="comma-separated substrings: run the cases whose names contain one")
+    p.add_argument("--part", default="1/1",
+                   help="K/N: of the selected cases, run every N-th from the K-th (1-based)")
     a = p.parse_args()
+    k, n = (int(x) for x in a.part.split("/"))
+    if not 1 <= k <= n:
+        p.error(f"--part: expected K/N with 1 <= K <= N, got {a.part!r}")
     if jax.default_backend() != "gpu" or not jax_flash.has_kernels():
         sys.exit("needs a GPU and the compiled extension")
     only = [s for s in a.only.split(",") if s]
-    results = [check(*c) for c in cases(a.quick) if not only or any(s in c[0] for s in only)]
+    selected = [c for c in cases(a.quick) if not only or any(s in c[0] for s in only)]
+    results = [check(*c) for c in selected[k - 1::n]]
     print(f"{sum(results)} / {len(results)} cases ok")
     sys.exit(0 if all(results) else 1)
 
