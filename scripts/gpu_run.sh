@@ -16,6 +16,10 @@
 #              cuDNN, paged caches, Pallas and the append at 32k (batch 8,
 #              32), and d=256 (32k, 128k; batch 1, 8, 32); JSON tagged
 #              DECODE_TAG (default grid), _paged, _d256
+#   decodefold bench_decode.py at d=64 under each JAX_FLASH_KVCACHE_FOLD mode
+#              (unset, 0, 1; one process each): contiguous against cuDNN and
+#              pages of 16, 64, 256, batch 8 and 32, 32k and 128k keys; JSON
+#              tagged DECODE_TAG (default fold) _auto, _never, _always
 #   benchtrain bench_train_step.py (BENCH_TRAIN_ARGS): a GPT training step
 #              with jax_flash, cuDNN and XLA attention
 #   benchvariants  bench_variants.py (BENCH_VARIANTS_ARGS): every call on every
@@ -94,6 +98,14 @@ for step in ${STEPS:-}; do
           "--kinds decode --impls jax_flash,cudnn --headdims 256 --contexts 32768,131072 --batches 1,8,32 --tag ${tag}_d256"; do
         python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" --repeats 10 $table 2>&1 |
           tee -a "$OUT/bench_decode.log" | grep -A40 "^GB/s"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      done ;;
+    decodefold)
+      for mode in auto:"" never:0 always:1; do
+        JAX_FLASH_KVCACHE_FOLD=${mode#*:} python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" \
+          --repeats 10 --kinds decode,paged --impls jax_flash,cudnn --headdims 64 \
+          --contexts 32768,131072 --batches 8,32 --tag "${DECODE_TAG:-fold}_${mode%%:*}" 2>&1 |
+          tee -a "$OUT/bench_decode.log" | grep -A20 "^GB/s"
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       done ;;
     benchtrain) python3 "$repo/benchmarks/bench_train_step.py" --out "$OUT" ${BENCH_TRAIN_ARGS:-} 2>&1 |
