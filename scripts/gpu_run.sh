@@ -66,6 +66,12 @@ pytest_files() {
     ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_$step.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 }
+# One bench_decode.py table (its arguments), logged, its GB/s table shown.
+decode_table() {
+  python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" --repeats 10 "$@" 2>&1 |
+    tee -a "$OUT/bench_decode.log" | grep -A40 "^GB/s"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+}
 for step in ${STEPS:-}; do
   echo "== $step"
   case $step in
@@ -96,17 +102,12 @@ for step in ${STEPS:-}; do
       for table in "--kinds decode --impls jax_flash,cudnn --headdims 64,128 --tag $tag" \
           "--kinds decode,paged,append --impls jax_flash,pallas_paged --headdims 64,128 --contexts 32768 --batches 8,32 --tag ${tag}_paged" \
           "--kinds decode --impls jax_flash,cudnn --headdims 256 --contexts 32768,131072 --batches 1,8,32 --tag ${tag}_d256"; do
-        python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" --repeats 10 $table 2>&1 |
-          tee -a "$OUT/bench_decode.log" | grep -A40 "^GB/s"
-        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+        decode_table $table
       done ;;
     decodefold)
       for mode in auto:"" never:0 always:1; do
-        JAX_FLASH_KVCACHE_FOLD=${mode#*:} python3 "$repo/benchmarks/bench_decode.py" --out "$OUT" \
-          --repeats 10 --kinds decode,paged --impls jax_flash,cudnn --headdims 64 \
-          --contexts 32768,131072 --batches 8,32 --tag "${DECODE_TAG:-fold}_${mode%%:*}" 2>&1 |
-          tee -a "$OUT/bench_decode.log" | grep -A20 "^GB/s"
-        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+        JAX_FLASH_KVCACHE_FOLD=${mode#*:} decode_table --kinds decode,paged --impls jax_flash,cudnn \
+          --headdims 64 --contexts 32768,131072 --batches 8,32 --tag "${DECODE_TAG:-fold}_${mode%%:*}"
       done ;;
     benchtrain) python3 "$repo/benchmarks/bench_train_step.py" --out "$OUT" ${BENCH_TRAIN_ARGS:-} 2>&1 |
                   tee "$OUT/bench_train.log" | tail -20
