@@ -4,6 +4,7 @@ validation message."""
 
 import dataclasses
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -413,12 +414,13 @@ def test_explicit_switches_override_the_environment(monkeypatch):
     fold = kvcache_lib.KVCacheSpec(batch=8, seqlen_q=1, nheads=32, nheads_k=8, head_dim=64,
                                    dtype="bfloat16", seqlen_cache=8192, batch_cache=8,
                                    softmax_scale=0.125)
-    build, splits_of = (64, 128), lambda spec: 1
+    build = (64, 128)
+    plan_of = lambda spec: types.SimpleNamespace(num_splits=1, blocks_per_sm=1)  # noqa: E731
     for env, mode in (("1", "never"), ("0", "auto"), ("0", "always")):
         monkeypatch.setenv(cuda_kvcache.FOLD_ENV_VAR, env)
-        assert cuda_kvcache.kernel_spec_and_fold(fold, build, splits_of, mode)[1] == (
+        assert cuda_kvcache.kernel_spec_and_fold(fold, build, plan_of, mode)[1] == (
             1 if mode == "never" else 2)
-        assert cuda_kvcache.kernel_spec_and_fold(fold, build, splits_of)[1] == (
+        assert cuda_kvcache.kernel_spec_and_fold(fold, build, plan_of)[1] == (
             2 if env == "1" else 1)
     append = dataclasses.replace(fold, seqlen_new=1)
     for env, on in (("1", False), ("0", True)):

@@ -59,51 +59,62 @@ def test_fold_factor(monkeypatch, kw, fold):
     assert cuda_kvcache.fold_factor(spec, BUILD) == 1
 
 
-# plan_splits: what the plan gives the folded problem (as it does on an
-# H100 for 8 K/V heads: one split from batch 32 at 8k, four at batch 8).
-@pytest.mark.parametrize("kw,plan_splits,folds", [
-    (dict(seqlen_cache=8192), 1, True),     # one split
-    (dict(seqlen_cache=32768), 4, True),    # four of 8192 keys
-    (dict(seqlen_cache=8192), 4, False),    # four of 2048 keys: too short
-    (dict(seqlen_cache=131072), 16, False),  # too many splits (batch 1)
-    (dict(seqlen_cache=32768, num_splits=3), 3, True),  # asked for: kept
-    (dict(seqlen_cache=32768, num_splits=8), 8, False),
-    (dict(seqlen_cache=128, num_splits=8), 2, False),  # clamped by the plan to 2 tiles: too short
-    (dict(seqlen_cache=32768, paged=True, page_size=64), 4, True),
-    (dict(seqlen_cache=32768, paged=True, page_size=16), 4, False),  # pages too short
+# plan_splits, per_sm: what the plan gives the folded problem (as it does on
+# an H100 for 8 K/V heads: one split from batch 32 at 8k, four at batch 8,
+# one block per SM; on an H200 two blocks per SM and twice the splits).
+@pytest.mark.parametrize("kw,plan_splits,per_sm,folds", [
+    (dict(seqlen_cache=8192), 1, 1, True),     # one split
+    (dict(seqlen_cache=32768), 4, 1, True),    # four of 8192 keys
+    (dict(seqlen_cache=8192), 4, 1, False),    # four of 2048 keys: too short
+    (dict(seqlen_cache=131072), 16, 1, False),  # too many splits (batch 1)
+    (dict(seqlen_cache=32768), 8, 2, True),    # two blocks per SM: 4 per block
+    (dict(seqlen_cache=32768), 8, 1, False),   # one: too many
+    (dict(seqlen_cache=8192), 8, 2, False),    # 1024 keys each: too short
+    (dict(seqlen_cache=131072), 16, 2, False),  # 8 per block
+    (dict(seqlen_cache=32768, num_splits=3), 3, 1, True),  # asked for: kept
+    (dict(seqlen_cache=32768, num_splits=8), 8, 1, False),
+    (dict(seqlen_cache=128, num_splits=8), 2, 1, False),  # clamped by the plan to 2 tiles: too short
+    (dict(seqlen_cache=32768, paged=True, page_size=64), 4, 1, True),
+    (dict(seqlen_cache=32768, paged=True, page_size=16), 4, 1, False),  # pages too short
+    (dict(seqlen_cache=32768, paged=True, page_size=16), 8, 2, True),  # not with two blocks
+    (dict(seqlen_cache=32768, paged=True, page_size=8), 8, 2, False),  # too short for both
+    (dict(seqlen_cache=32768, paged=True, page_size=48), 4, 1, False),
+    (dict(seqlen_cache=32768, paged=True, page_size=48), 4, 2, True),
 ])
 def test_folded_calls_split_as_the_plan_splits_the_folded_problem(monkeypatch, kw, plan_splits,
-                                                                   folds):
+                                                                   per_sm, folds):
     monkeypatch.delenv(cuda_kvcache.FOLD_ENV_VAR, raising=False)  # "auto"
     spec = _spec(**kw)
     asked = []
 
-    def splits_of(s):
+    def plan_of(s):
         asked.append(s)
-        return plan_splits
+        return types.SimpleNamespace(num_splits=plan_splits, blocks_per_sm=per_sm)
 
     folded = cuda_kvcache.fold_spec(spec, 2)
-    kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of)
+    kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD, plan_of)
     # 4 K/V heads of dim 128, the request as given, as if contiguous
     assert asked == [dataclasses.replace(folded, paged=False, page_size=0)]
     run = dataclasses.replace(folded, num_splits=plan_splits)
     assert (kernel_spec, fold) == ((run, 2) if folds else (spec, 1))
     # "always" folds whatever the splits and pages; "never" does not fold.
-    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of, "always") == (run, 2)
-    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, splits_of, "never") == (spec, 1)
+    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, plan_of, "always") == (run, 2)
+    assert cuda_kvcache.kernel_spec_and_fold(spec, BUILD, plan_of, "never") == (spec, 1)
 
 
-def test_plan_splits_asks_the_plan(monkeypatch):
+def test_the_fold_asks_the_plan_of_the_device(monkeypatch):
+    monkeypatch.delenv(cuda_kvcache.FOLD_ENV_VAR, raising=False)
     asked = []
 
     def plan(spec):
         asked.append(spec)
-        return types.SimpleNamespace(num_splits=3)
+        return types.SimpleNamespace(num_splits=3, blocks_per_sm=1)
 
     monkeypatch.setattr(cuda_kvcache.plan_lib, "kvcache_plan", plan)
-    spec = _spec(num_splits=5)
-    assert cuda_kvcache._plan_splits(spec) == 3
-    assert asked == [spec]
+    spec = _spec(seqlen_cache=32768, num_splits=5)
+    kernel_spec, fold = cuda_kvcache.kernel_spec_and_fold(spec, BUILD)
+    assert asked == [cuda_kvcache.fold_spec(spec, 2)]
+    assert (kernel_spec.num_splits, fold) == (3, 2)
 
 
 def test_fold_q_and_unfold_out_place_each_head():

@@ -149,12 +149,15 @@ def test_split_plan_resident_blocks_by_head_dim():
         if 128 in compiled:
             p = plan(batch, 1, 32, 8, 128, context, 0, **h100)
             assert p["narrow"] and 66 < batch * 8 * p["num_splits"] <= 132, (batch, context, p)
+            assert p["blocks_per_sm"] == 1
             # Paged: two a SM (the page lookups want the second block).
             p = plan(batch, 1, 32, 8, 128, context, 0, **h100, page_size=16)
             assert p["narrow"] and 132 < batch * 8 * p["num_splits"] <= 264, (batch, context, p)
+            assert p["blocks_per_sm"] == 2
         if 64 in compiled:
             p = plan(batch, 1, 32, 8, 64, context, 0, **h100)
             assert p["narrow"] and 132 < batch * 8 * p["num_splits"] <= 264, (batch, context, p)
+            assert p["blocks_per_sm"] == 2
 
 
 @requires_extension
@@ -168,5 +171,5 @@ def test_split_plan_keeps_two_blocks_where_one_cannot_take_the_bandwidth():
     for bandwidth in (4915, 0):
         for batch, context in ((1, 8192), (1, 32768), (1, 131072), (4, 8192), (8, 32768)):
             p = plan(batch, 1, 32, 8, 128, context, 0, **h200, dram_gbps=bandwidth)
-            assert p["narrow"] and p["dram_gbps"] == bandwidth
+            assert p["narrow"] and p["dram_gbps"] == bandwidth and p["blocks_per_sm"] == 2
             assert 132 < batch * 8 * p["num_splits"] <= 264, (bandwidth, batch, context, p)

@@ -199,7 +199,7 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 // pipeline fill, epilogue; about two tiles' time, kBlockOverheadTiles), and
 // a round of resident blocks lasts as long as its busiest SM takes. Most
 // tiles are latency-bound: a block reads about as fast beside another on
-// its SM as alone, so a round of up to `per_sm` blocks per SM (from the
+// its SM as alone, so a round of up to kvcache_blocks_per_sm per SM (from the
 // tile's shared memory, 1 KB of it reserved per block by the driver, at
 // most 4) takes one block's time. The narrow d = 128 tile on a contiguous
 // cache reads about 25 GB/s alone, an H100's share of DRAM per SM: there
@@ -222,6 +222,20 @@ std::string check_dq_mode(const Problem& pb, const Plan& plan, const DqMode& mod
 // are runtime values, so the model assumes full caches: a cache far longer
 // than its sequences gets splits that find no keys (a block launch and a
 // skip in the combine each).
+int kvcache_blocks_per_sm(const KVCachePlan& plan, const DeviceInfo& device,
+                          int64_t page_size) {
+  constexpr int kReservedSmemPerBlock = 1024;
+  constexpr int kMaxBlocksPerSm = 4;
+  constexpr int kOneBlockGBps = 28;  // DRAM GB/s per SM that one such block keeps up with
+  const int smem =
+      decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow) + kReservedSmemPerBlock;
+  const int resident = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
+  const bool fills_sm = plan.narrow && plan.kernel_head_dim == 128 && page_size == 0 &&
+                        device.dram_gbps > 0 &&
+                        device.dram_gbps <= int64_t(kOneBlockGBps) * device.num_sms;
+  return fills_sm ? 1 : resident;
+}
+
 int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
                        const DeviceInfo& device) {
   const int64_t tiles = (pb.seqlen_cache + plan.block_n - 1) / plan.block_n;
@@ -229,20 +243,11 @@ int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
   if (pb.num_splits > 0) return static_cast<int>(std::min(pb.num_splits, cap));
   const int64_t blocks = pb.batch * pb.nheads_k * plan.m_blocks;
   if (blocks == 0 || tiles <= 1) return 1;
-  constexpr int kReservedSmemPerBlock = 1024;
-  constexpr int kMaxBlocksPerSm = 4;
   constexpr double kBlockOverheadTiles = 2.0;
   constexpr double kCombineTiles = 1.0;
   constexpr double kMinGain = 0.95;
-  constexpr int kOneBlockGBps = 28;  // DRAM GB/s per SM that one such block keeps up with
-  const int smem =
-      decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow) + kReservedSmemPerBlock;
-  const int resident = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
-  const bool fills_sm = plan.narrow && plan.kernel_head_dim == 128 && pb.page_size == 0 &&
-                        device.dram_gbps > 0 &&
-                        device.dram_gbps <= int64_t(kOneBlockGBps) * device.num_sms;
-  const int per_sm = fills_sm ? 1 : resident;
-  const int64_t wave = int64_t(std::max(device.num_sms, 1)) * per_sm;
+  const int64_t wave =
+      int64_t(std::max(device.num_sms, 1)) * kvcache_blocks_per_sm(plan, device, pb.page_size);
   const int64_t by_length =
       std::max<int64_t>(1, tiles * plan.block_n / decode::kMinKeysPerSplit);
   const int64_t most = std::min(by_length, cap);
@@ -289,6 +294,7 @@ std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device
   plan->stages = tile.stages;
   plan->m_blocks = std::max<int64_t>(1, (rows + tile.block_m - 1) / tile.block_m);
   plan->num_splits = kvcache_num_splits(pb, *plan, device);
+  plan->blocks_per_sm = kvcache_blocks_per_sm(*plan, device, pb.page_size);
   if (plan->num_splits > 1) {
     plan->out_accum_shape = {plan->num_splits, pb.batch, pb.nheads, pb.seqlen_q,
                              plan->head_dim_padded};

@@ -108,6 +108,7 @@ struct KVCachePlan {
   int stages = 0;           // K/V tiles in shared memory
   int64_t m_blocks = 0;     // row blocks per K/V head: ceil(nheads / nheads_k * seqlen_q / block_m)
   int num_splits = 1;       // thread blocks per (sequence, K/V head, row block)
+  int blocks_per_sm = 1;    // blocks a SM in the split model's rounds (kvcache_blocks_per_sm)
   // Scratch of num_splits > 1, float32 (empty (0,) otherwise): each split's
   // normalised output (num_splits, batch, nheads, seqlen_q, head_dim_padded)
   // and LSE (num_splits, batch, nheads, seqlen_q).
@@ -119,6 +120,11 @@ struct KVCachePlan {
 // K/V tiles)], or chosen by kvcache_num_splits.
 std::string make_kvcache_plan(const KVCacheProblem& problem, const DeviceInfo& device,
                               KVCachePlan* plan);
+
+// The blocks a SM holds at once in the split model's rounds: as many as the
+// tile's shared memory allows (at most 4), or one where a block alone keeps
+// up with the SM's share of DRAM (plan.cc says which).
+int kvcache_blocks_per_sm(const KVCachePlan& plan, const DeviceInfo& device, int64_t page_size);
 
 // The automatic split count, from a cost model of the memory-bound kernel
 // (plan.cc says why): the fewest rounds of blocks times each block's tiles

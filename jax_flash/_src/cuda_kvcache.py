@@ -73,11 +73,14 @@ FOLD_AUTO_HEAD_DIMS = (64,)  # those that do where faster, FOLD_ENV_VAR unset
 _FOLD_DIM = 128  # the head dim a folded call runs at
 _NARROW_ROWS = 16  # query rows of the narrow decode tile (csrc/decode/tile.h kNarrowRows)
 # Mode "auto" folds (kernel_spec_and_fold) a call of at most this many
-# splits, each of at least this many keys of the cache, on pages (if paged)
-# of at least this many keys.
+# splits per block an SM holds, each of at least this many keys of the
+# cache, on pages (if paged) of at least this many keys: _FOLD_MIN_PAGE_SIZE
+# where the plan puts one block on an SM, _FOLD_MIN_PAGE_SIZE_TWO_BLOCKS
+# where it puts two or more.
 _FOLD_MAX_SPLITS = 4
 _FOLD_MIN_KEYS_PER_SPLIT = 4096
 _FOLD_MIN_PAGE_SIZE = 64
+_FOLD_MIN_PAGE_SIZE_TWO_BLOCKS = 16
 # Where two new rows may share a slot (cache_batch_idx, block_table), each
 # of the append kernel's rows compares its slot with every later row's: up
 # to this many rows in all; beyond, the append runs in JAX (a sort).
@@ -204,36 +207,36 @@ def unfold_out(out, fold: int, nheads_k: int):
     return jnp.moveaxis(x, -1, 3).reshape(b, s, nheads, d)
 
 
-def _plan_splits(spec: KVCacheSpec) -> int:
-    """The plan's split count for spec: the automatic one for num_splits
-    0, else the request as the plan clamps it."""
-    return plan_lib.kvcache_plan(spec).num_splits
-
-
 def kernel_spec_and_fold(spec: KVCacheSpec, compiled: tuple[int, ...] | None = None,
-                         splits_of=_plan_splits,
-                         mode: str | None = None) -> tuple[KVCacheSpec, int]:
+                         plan_of=None, mode: str | None = None) -> tuple[KVCacheSpec, int]:
     """The spec the decode kernel runs and its fold factor (fold_factor).
 
-    A folded call, paged or not, splits as the plan (`splits_of`) splits
-    the folded problem (fewer K/V heads on the d=128 tile) on a contiguous
-    cache: one block per SM (csrc/host/plan.cc). On pages of 64 and 256
-    keys that beats the unfolded call (notes, entry 50); two blocks per SM
-    there are untimed. In mode "auto" a
-    call with more than _FOLD_MAX_SPLITS splits (batch 1, or few sequences
-    of long caches), splits of fewer than _FOLD_MIN_KEYS_PER_SPLIT keys, or
-    pages of fewer than _FOLD_MIN_PAGE_SIZE keys does not fold: the folded
-    blocks are too few, too short or too scattered to beat the unfolded
-    call (notes, entries 45, 47, 50)."""
+    A folded call, paged or not, splits as the plan (`plan_of`, by default
+    `plan.kvcache_plan` on the current device) splits the folded problem
+    (fewer K/V heads on the d=128 tile) on a contiguous cache. On pages of
+    64 and 256 keys that beats the unfolded call (notes, entry 50). In mode
+    "auto" a call with more than _FOLD_MAX_SPLITS splits per block the plan
+    puts on an SM (batch 1, or few sequences of long caches), splits of
+    fewer than _FOLD_MIN_KEYS_PER_SPLIT keys, or pages of fewer than
+    _FOLD_MIN_PAGE_SIZE keys does not fold: the folded blocks are too few,
+    too short or too scattered to beat the unfolded call (notes, entries
+    45, 47, 50). The bound on splits scales with the blocks an SM holds
+    (one on an H100, where it was fitted; two on an H200, where the plan
+    gives the same shapes twice the splits: entry 57). With two blocks an
+    SM, pages from _FOLD_MIN_PAGE_SIZE_TWO_BLOCKS keys fold too: on an H200
+    pages of 16 read 1.2x faster folded, where an H100 lost 8% (entries
+    55, 58)."""
     mode = fold_mode() if mode is None else mode
     fold = fold_factor(spec, compiled, mode)
     if fold == 1:
         return spec, 1
     folded = fold_spec(spec, fold)
-    splits = splits_of(dataclasses.replace(folded, paged=False, page_size=0))
-    if mode == "auto" and (splits > _FOLD_MAX_SPLITS
+    plan = (plan_of or plan_lib.kvcache_plan)(dataclasses.replace(folded, paged=False, page_size=0))
+    splits = plan.num_splits
+    min_page = _FOLD_MIN_PAGE_SIZE if plan.blocks_per_sm < 2 else _FOLD_MIN_PAGE_SIZE_TWO_BLOCKS
+    if mode == "auto" and (splits > _FOLD_MAX_SPLITS * plan.blocks_per_sm
                            or spec.seqlen_cache < splits * _FOLD_MIN_KEYS_PER_SPLIT
-                           or 0 < spec.page_size < _FOLD_MIN_PAGE_SIZE):
+                           or 0 < spec.page_size < min_page):
         return spec, 1
     return dataclasses.replace(folded, num_splits=splits), fold
 

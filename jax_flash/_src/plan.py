@@ -84,6 +84,7 @@ class KVCachePlan(NamedTuple):
     head_dim_padded: int  # the head dim the kernel reads: q and the caches are padded to it
     kernel_head_dim: int  # the compiled head dim that serves it
     num_splits: int  # thread blocks sharing one sequence's keys (1: no combine)
+    blocks_per_sm: int  # blocks a SM holds in the split count's model of rounds
     m_blocks: int  # row blocks (block_m query rows) per K/V head
     narrow: bool  # the tile: one 16-row slab with a deeper pipeline, or wide
     block_m: int  # query rows per thread block
@@ -124,6 +125,7 @@ def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head
         head_dim_padded=int(raw["head_dim_padded"]),
         kernel_head_dim=int(raw["kernel_head_dim"]),
         num_splits=int(raw["num_splits"]),
+        blocks_per_sm=int(raw["blocks_per_sm"]),
         m_blocks=int(raw["m_blocks"]),
         narrow=bool(raw["narrow"]),
         block_m=int(raw["block_m"]),
