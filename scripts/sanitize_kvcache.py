@@ -127,9 +127,10 @@ def main():
     p.add_argument("--part", default="1/1",
                    help="K/N: of the selected cases, run every N-th from the K-th (1-based)")
     a = p.parse_args()
-    k, n = (int(x) for x in a.part.split("/"))
-    if not 1 <= k <= n:
+    k, _, n = a.part.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
         p.error(f"--part: expected K/N with 1 <= K <= N, got {a.part!r}")
+    k, n = int(k), int(n)
     if jax.default_backend() != "gpu" or not jax_flash.has_kernels():
         sys.exit("needs a GPU and the compiled extension")
     only = [s for s in a.only.split(",") if s]
