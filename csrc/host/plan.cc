@@ -246,8 +246,7 @@ int kvcache_num_splits(const KVCacheProblem& pb, const KVCachePlan& plan,
   constexpr double kBlockOverheadTiles = 2.0;
   constexpr double kCombineTiles = 1.0;
   constexpr double kMinGain = 0.95;
-  const int64_t wave =
-      int64_t(std::max(device.num_sms, 1)) * kvcache_blocks_per_sm(plan, device, pb.page_size);
+  const int64_t wave = int64_t(std::max(device.num_sms, 1)) * plan.blocks_per_sm;
   const int64_t by_length =
       std::max<int64_t>(1, tiles * plan.block_n / decode::kMinKeysPerSplit);
   const int64_t most = std::min(by_length, cap);
@@ -293,8 +292,8 @@ std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device
   plan->block_n = tile.block_n;
   plan->stages = tile.stages;
   plan->m_blocks = std::max<int64_t>(1, (rows + tile.block_m - 1) / tile.block_m);
-  plan->num_splits = kvcache_num_splits(pb, *plan, device);
   plan->blocks_per_sm = kvcache_blocks_per_sm(*plan, device, pb.page_size);
+  plan->num_splits = kvcache_num_splits(pb, *plan, device);
   if (plan->num_splits > 1) {
     plan->out_accum_shape = {plan->num_splits, pb.batch, pb.nheads, pb.seqlen_q,
                              plan->head_dim_padded};

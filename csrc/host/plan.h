@@ -129,7 +129,8 @@ int kvcache_blocks_per_sm(const KVCachePlan& plan, const DeviceInfo& device, int
 // The automatic split count, from a cost model of the memory-bound kernel
 // (plan.cc says why): the fewest rounds of blocks times each block's tiles
 // plus a fixed overhead, at least decode::kMinKeysPerSplit keys per split
-// of a full cache, every split of a full cache the same number of tiles.
+// of a full cache, every split of a full cache the same number of tiles;
+// rounds of plan.blocks_per_sm blocks a SM.
 int kvcache_num_splits(const KVCacheProblem& problem, const KVCachePlan& plan,
                        const DeviceInfo& device);
 
