@@ -19,7 +19,8 @@ Every case feeds the kernels tables no caller should send: lengths past the
 capacity and negative, block_table entries and cache_batch_idx out of range
 (both signs), cache_leftpad past the length, empty sequences, windows wider
 than everything, a one-row cache, pages of one row; contiguous and paged
-caches (page sizes 1, 16, 48), one split, three, nine, and the automatic choice;
+caches (page sizes 1, 8, 16, 48, 256: cp.async and copy engine boxes), one
+split, three, nine, and the automatic choice;
 with and without an append and rotary. The result must be the reference's
 clamped one (FlashAttention's error rule) and finite. Exit status 1 on any
 mismatch; memcheck reports any read or write outside a buffer.
@@ -66,7 +67,7 @@ def cases(quick):
     dims = [d for d in (64, 128, 256) if any(c >= d for c in jax_flash.compiled_head_dims())]
     dims = dims[:1] if quick else dims
     for head_dim in dims:
-        for page_size in (0, 1, 16, 48):
+        for page_size in (0, 1, 8, 16, 48, 256):
             for splits in ((3,) if quick else (1, 3, 0)):
                 for seqlen_new, rotary in ((0, None), (2, (32, False))):
                     kw = dict(batch=4, head_dim=head_dim, heads=(6, 2), seqlen_q=3,

@@ -1,7 +1,8 @@
 """The decode kernels' shared-memory layout, checked on the host: compiles
 tests/decode_layout_check.cu against csrc/ with nvcc (skipped without it)
 and runs it (bijective chunk map, ldmatrix lane addresses, no bank
-conflicts, aligned 32-byte sectors where the rows are unpadded)."""
+conflicts, aligned 32-byte sectors where the rows are unpadded, and the
+copy engine's unit-major layout against its 128-byte swizzle)."""
 
 import os
 import shutil
@@ -21,7 +22,7 @@ def test_decode_shared_memory_layout(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     lines = run.stdout.splitlines()
     assert run.returncode == 0, run.stdout
-    assert len(lines) == 12 and all(line.endswith(" ok") for line in lines), run.stdout
+    assert len(lines) == 16 and all(line.endswith(" ok") for line in lines), run.stdout
     # Head dims that are a multiple of 64 keep unpadded rows.
     for line in lines:
         d = int(line.split()[0].split("=")[1])

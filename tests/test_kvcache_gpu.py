@@ -29,6 +29,7 @@ import pytest
 
 import jax_flash
 from jax_flash._src import cuda_kvcache
+from jax_flash._src import plan as plan_module
 from jax_flash.reference import kvcache_attention_ref
 
 from gpu_grid import requires_gpu, skip_if_not_compiled
@@ -222,6 +223,78 @@ def test_folded_heads(monkeypatch, fold, head_dim, heads, seqlen_q, page_size):
             _check(case, num_splits, causal=True)
     finally:
         jax.clear_caches()
+
+
+COPY_ENGINE_HEAD_DIMS = [64, 128, 192, 256]
+COPY_ENGINE_PAGES = [0, 8, 16, 32, 64, 128, 256]
+
+
+def _copy_engine_expected(head_dim, page_size):
+    major = int(str(jax.devices()[0].compute_capability).split(".")[0])
+    return (major >= 9 and head_dim in COPY_ENGINE_HEAD_DIMS and page_size in COPY_ENGINE_PAGES
+            and os.environ.get("JAX_FLASH_DECODE_COPY") == "tma")
+
+
+@pytest.mark.parametrize("head_dim,page_size", [
+    (64, 0), (128, 0), (128, 16), (128, 8), (256, 256), (128, 48), (128, 4), (128, 1), (96, 0),
+    (120, 0)])
+def test_the_plan_names_the_copy(head_dim, page_size):
+    # sm_90's copy engine: narrow tiles of d = 64 * k, contiguous caches and
+    # pages of a multiple of 64 or a divisor of it of at least 8.
+    skip_if_not_compiled(head_dim)
+    plan = plan_module.kvcache_plan_for(2, 1, 32, 8, head_dim, 4096, 0, page_size=page_size)
+    assert plan.narrow
+    assert plan.copy_engine == _copy_engine_expected(head_dim, page_size), plan
+
+
+@pytest.mark.parametrize("page_size", [0, 8, 32, 64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+def test_copy_engine_pages_and_edges(head_dim, page_size):
+    # Boxes of a page or of 64 keys, tiles cut by lengths, left padding,
+    # windows and splits on every head dim the copy engine serves (each
+    # copy the plan says, on any device).
+    skip_if_not_compiled(head_dim)
+    for seed, (seqlen_q, heads, opts) in enumerate([
+            (1, HEADS["gqa"], dict(causal=True)),
+            (3, HEADS["mqa"], dict(window_size=(300, 16))),
+            (16, (16, 16), dict(softcap=30.0))]):
+        case = make_case(40 + seed, batch=3, head_dim=head_dim, heads=heads, seqlen_q=seqlen_q,
+                         seqlen_cache=1000 + 37 * seed, page_size=page_size, seqlen_new=seed % 2,
+                         batch_idx=not page_size, leftpad=not page_size)
+        for num_splits in (0, 1, 3):
+            _check(case, num_splits, **opts)
+
+
+@pytest.mark.parametrize("page_size", [0, 16, 48, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rows_never_seen_may_hold_nan(head_dim, page_size):
+    # Cache rows outside [cache_leftpad, cache_seqlens) and pages the table
+    # does not name hold NaN: the output is the reference's on a cache
+    # without them (the kernels read such rows only to discard them).
+    skip_if_not_compiled(head_dim)
+    arrays, statics = make_case(50, batch=3, head_dim=head_dim, heads=HEADS["gqa"],
+                                seqlen_cache=777, page_size=page_size, leftpad=not page_size)
+    lengths = np.asarray(arrays["cache_seqlens"])
+    seen = np.zeros(arrays["k_cache"].shape[:2], bool)  # (pages or batch rows, rows)
+    for b, length in enumerate(lengths):
+        if page_size:
+            for j in range(length):
+                seen[np.asarray(arrays["block_table"])[b, j // page_size], j % page_size] = True
+        else:
+            pad = min(int(np.asarray(arrays["cache_leftpad"])[b]), int(length))
+            seen[b, pad:length] = True
+    poisoned = dict(arrays)
+    for name in ("k_cache", "v_cache"):
+        x = np.asarray(arrays[name], np.float32).copy()
+        x[~seen] = np.nan
+        poisoned[name] = jnp.asarray(x, arrays[name].dtype)
+    for num_splits in (0, 1, 3):
+        opts = tuple(sorted({**statics, "num_splits": num_splits, "causal": True}.items()))
+        out = np.asarray(_kernel(poisoned, opts)[0], np.float32)
+        want = np.asarray(_kernel(arrays, opts)[0], np.float32)
+        assert np.isfinite(out).all(), (num_splits, "NaN from rows never seen")
+        np.testing.assert_array_equal(out, want)
+    _check((arrays, statics), 0, causal=True)
 
 
 def test_no_visible_key_gives_zero_and_inf():

@@ -10,7 +10,9 @@
 // rows read them again per row block, adjacent in the grid: mostly from
 // L2). Per tile:
 //
-//   cp.async     K, V tile (kBlockN keys) -> shared, kStages - 1 tiles ahead
+//   copy         K, V tile (kBlockN keys) -> shared, kStages - 1 tiles ahead:
+//                cp.async by every thread, or (sm_90, Traits::kCopyEngine)
+//                bulk tensor copies issued by warp 0 on a barrier a stage
 //   S = Q K^T    mma.sync m16n8k16, one 16-row slab x 16 keys per warp step
 //   mask, mods   scale, softcap, ALiBi, window / left padding (softmax.h)
 //   softmax      online, per warp (running max and sum in float32)
@@ -39,6 +41,7 @@
 #include "ptx.h"
 #include "sequence.h"
 #include "softmax.h"
+#include "tma.h"
 #include "traits.h"
 
 namespace jax_flash::decode {
@@ -64,7 +67,9 @@ __device__ __forceinline__ void copy_q(const DecodeParams& p, int b, int hk, int
       const int i = m / p.group, head = hk * p.group + m % p.group;
       offset = ((int64_t(b) * p.seqlen_q + i) * p.nheads + head) * p.head_dim + chunk * 8;
     }
-    cp_async_16(sQ + r * Traits::kRowBytes + Traits::chunk_offset(r, chunk), q + offset, valid);
+    cp_async_16(sQ + r * Traits::kRowPitch +
+                    Traits::template chunk_offset<Traits::kQUnitBytes>(r, chunk),
+                q + offset, valid);
   }
 }
 
@@ -99,7 +104,8 @@ __device__ __forceinline__ void copy_kv_tile(const DecodeParams& p, const Sequen
                                                : seq.cache_row(p, key);
       offset = row * p.cache_row_stride + seq.head_offset + chunk * 8;
     }
-    const int dst = r * Traits::kRowBytes + Traits::chunk_offset(r, chunk);
+    const int dst =
+        r * Traits::kRowPitch + Traits::template chunk_offset<Traits::kKVUnitBytes>(r, chunk);
     cp_async_16(sK + dst, k + offset, valid);
     cp_async_16(sV + dst, v + offset, valid);
   }
@@ -135,6 +141,56 @@ struct PageRows {
     }
   }
 };
+
+// ---- K/V tiles by the copy engine (sm_90; decode/tma.h) --------------------------
+// Warp 0 copies a tile into a stage: lane j takes its piece j of box_rows
+// keys (one page lookup) and copies it for every 64-column unit of K and V,
+// after lane 0 told the stage's barrier how many bytes all lanes' pieces
+// bring. Pieces with no key in [key_begin, key_end) are not copied (their
+// page may not exist); the rest of a tile's keys outside it are zeroed
+// once it landed (zero_outside).
+template <typename Traits>
+__device__ __forceinline__ void engine_copy_tile(const DecodeParams& p, const DecodeMaps& maps,
+                                                 const SequenceInfo& seq, int tile, uint32_t sK,
+                                                 uint32_t sV, uint32_t bar) {
+  constexpr int kUnits = Traits::kHeadDim / kBoxColumns;
+  const int lane = threadIdx.x % 32;
+  const int key = tile * Traits::kBlockN + lane * p.box_rows;
+  const bool mine = lane * p.box_rows < Traits::kBlockN && key < seq.key_end &&
+                    key + p.box_rows > seq.key_begin;
+  const unsigned pieces = __ballot_sync(0xffffffffu, mine);
+  if (lane == 0) {
+    mbarrier_arrive_expect_tx(bar, __popc(pieces) * p.box_rows * Traits::kHeadDim * 2 *
+                                       int(sizeof(typename Traits::Element)));
+  }
+  if (!mine) return;
+  // key < key_end <= seqlen_cache: the page lookup stays in the table's row.
+  const int row = static_cast<int>(seq.cache_row(p, key));
+  const int offset = lane * p.box_rows * Traits::kRowPitch;
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u) {
+    const int column = static_cast<int>(seq.head_offset) + u * kBoxColumns;
+    tma_load_2d(sK + u * Traits::kKVUnitBytes + offset, &maps.k, bar, column, row);
+    tma_load_2d(sV + u * Traits::kKVUnitBytes + offset, &maps.v, bar, column, row);
+  }
+}
+
+// V rows of a landed tile whose keys lie outside [key_begin, key_end): the
+// copy brought another sequence's rows, stale ones (pieces not copied) or
+// the zeros past the cache there; P is 0 at those keys (their scores are
+// masked whatever K holds) and V must be finite for 0 * V to be 0.
+template <typename Traits>
+__device__ __forceinline__ void zero_outside(const SequenceInfo& seq, int key0, uint32_t sV) {
+  for (int idx = threadIdx.x; idx < Traits::kBlockN * Traits::kChunks; idx += Traits::kNThreads) {
+    const int r = idx / Traits::kChunks, chunk = idx % Traits::kChunks;
+    if (key0 + r >= seq.key_begin && key0 + r < seq.key_end) continue;
+    const uint32_t dst = sV + r * Traits::kRowPitch +
+                         Traits::template chunk_offset<Traits::kKVUnitBytes>(r, chunk);
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
+  }
+  // The copy engine writes this stage again later.
+  fence_proxy_async_shared();
+}
 
 // ---- One warp step: 16 rows x 16 keys ------------------------------------------
 // q_row, k_row, v_row: the shared addresses of this lane's ldmatrix rows
@@ -268,9 +324,10 @@ __device__ __forceinline__ void write_rows(const DecodeParams& p, int b, int hk,
 
 // ---- The kernel ------------------------------------------------------------------
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads)
+    decode_kernel(const DecodeParams p, const __grid_constant__ DecodeMaps maps) {
   constexpr int kBlockN = Traits::kBlockN, kBlockM = Traits::kBlockM, kStages = Traits::kStages;
-  extern __shared__ __align__(128) char smem[];
+  extern __shared__ __align__(1024) char smem[];
 
   // ---- Tile scheduler: which split, rows, K/V head and sequence ----
   // Blocks of one split are adjacent (x = split * m_blocks + row block), so
@@ -297,6 +354,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
   auto s_v = [&](int stage) { return s_kv + stage * Traits::kStageBytes + Traits::kTileBytes; };
   int64_t* s_rows_base = reinterpret_cast<int64_t*>(smem + Traits::kQBytes);
   auto s_rows = [&](int n) { return s_rows_base + (n % 2) * kBlockN; };
+  // Copy engine: one barrier a stage where the page rows would be.
+  auto s_bar = [&](int stage) { return s_q + Traits::kQBytes + 8 * stage; };
+  constexpr bool kEngine = Traits::kCopyEngine;
+#ifndef JAX_FLASH_DECODE_COPY_ENGINE
+  if constexpr (kEngine) __trap();  // never launched before sm_90 (decode/launch.h)
+#endif
 
   // ---- Prologue: Q, then the first kStages - 1 tiles, one group each ----
   // Groups are committed even when empty, so that the wait below counts
@@ -306,13 +369,32 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
   // looks them up in its copies.
   const int n_tiles = seq.tile_end - seq.tile_begin;
   const bool stage_rows = Traits::kStagePageRows && !seq.tile_in_one_page;
-  copy_q<Traits>(p, b, hk, row0, s_q);
-#pragma unroll
-  for (int stage = 0; stage < kStages - 1; ++stage) {
-    if (stage < n_tiles) {
-      copy_kv_tile<Traits>(p, seq, seq.tile_begin + stage, s_k(stage), s_v(stage), nullptr);
+  if constexpr (kEngine) {
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(&maps.k);
+      prefetch_tensor_map(&maps.v);
+      for (int stage = 0; stage < kStages; ++stage) mbarrier_init(s_bar(stage), 1);
     }
+    __syncthreads();
+  }
+  copy_q<Traits>(p, b, hk, row0, s_q);
+  if constexpr (kEngine) {
     cp_async_commit();
+    if (warp == 0) {
+      for (int stage = 0; stage < kStages - 1 && stage < n_tiles; ++stage) {
+        engine_copy_tile<Traits>(p, maps, seq, seq.tile_begin + stage, s_k(stage), s_v(stage),
+                                 s_bar(stage));
+      }
+    }
+    cp_async_wait<0>();  // Q; the loop's first barrier shows it to every warp
+  } else {
+#pragma unroll
+    for (int stage = 0; stage < kStages - 1; ++stage) {
+      if (stage < n_tiles) {
+        copy_kv_tile<Traits>(p, seq, seq.tile_begin + stage, s_k(stage), s_v(stage), nullptr);
+      }
+      cp_async_commit();
+    }
   }
   PageRows page_rows;
   if (stage_rows && kStages - 1 < n_tiles) {
@@ -331,30 +413,43 @@ __global__ void __launch_bounds__(Traits::kNThreads) decode_kernel(const DecodeP
   for (int d = 0; d < Traits::kDTiles; ++d) {
     acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
   }
-  const uint32_t q_row = s_q + slab * 16 * Traits::kRowBytes + Traits::q_lane_row(lane);
+  const uint32_t q_row = s_q + slab * 16 * Traits::kRowPitch + Traits::q_lane_row(lane);
 
   // ---- Main loop over the split's tiles ----
   for (int n = 0; n < n_tiles; ++n) {
     // Tile n (and Q) landed; every warp is done with tile n - 1's stage and
     // the staged rows of tile n + kStages - 1 are visible.
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = n + kStages - 1;
-    if (next < n_tiles) {
-      copy_kv_tile<Traits>(p, seq, seq.tile_begin + next, s_k(next % kStages), s_v(next % kStages),
-                           stage_rows ? s_rows(next) : nullptr);
-    }
-    cp_async_commit();
-    const bool stage_after = stage_rows && next + 1 < n_tiles;
-    if (stage_after) page_rows.load<kBlockN>(p, seq, seq.tile_begin + next + 1);
-
     const int stage = n % kStages;
     const int tile_key0 = (seq.tile_begin + n) * kBlockN;
+    const int next = n + kStages - 1;
+    bool stage_after = false;
+    if constexpr (kEngine) {
+      mbarrier_wait(s_bar(stage), (n / kStages) & 1);
+      if (tile_key0 < seq.key_begin || tile_key0 + kBlockN > seq.key_end) {
+        zero_outside<Traits>(seq, tile_key0, s_v(stage));
+      }
+      __syncthreads();
+      if (warp == 0 && next < n_tiles) {
+        engine_copy_tile<Traits>(p, maps, seq, seq.tile_begin + next, s_k(next % kStages),
+                                 s_v(next % kStages), s_bar(next % kStages));
+      }
+    } else {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (next < n_tiles) {
+        copy_kv_tile<Traits>(p, seq, seq.tile_begin + next, s_k(next % kStages),
+                             s_v(next % kStages), stage_rows ? s_rows(next) : nullptr);
+      }
+      cp_async_commit();
+      stage_after = stage_rows && next + 1 < n_tiles;
+      if (stage_after) page_rows.load<kBlockN>(p, seq, seq.tile_begin + next + 1);
+    }
+
     for (int step = 0; step < keys_per_warp / 16; ++step) {
       const int key = wn * keys_per_warp + step * 16;  // in the tile
       attend_step<Traits>(acc_o, softmax, q_row,
-                          s_k(stage) + key * Traits::kRowBytes + Traits::k_lane_row(lane),
-                          s_v(stage) + key * Traits::kRowBytes + Traits::v_lane_row(lane),
+                          s_k(stage) + key * Traits::kRowPitch + Traits::k_lane_row(lane),
+                          s_v(stage) + key * Traits::kRowPitch + Traits::v_lane_row(lane),
                           tile_key0 + key, rows, mods, lane);
     }
     // The buffer's last reader was the copy of iteration n - 1, before this

@@ -1,7 +1,8 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
 // The only place that launches the decode kernels: the split kernel of the
-// plan's tile (narrow or wide) with its grid and shared memory, then
+// plan's tile (narrow or wide; copies by cp.async or the copy engine) with
+// its grid and shared memory, then
 // (num_splits > 1) the combine kernel, on one stream. On sm_90 and later
 // the combine is the split kernel's programmatic dependent (ptx.h): its
 // launch and setup overlap the split grid's last blocks instead of
@@ -14,12 +15,14 @@
 #include "api.h"
 #include "combine.h"
 #include "kernel.h"
+#include "tma.h"
 #include "traits.h"
 
 namespace jax_flash::decode {
 
 template <typename Traits>
-cudaError_t launch_split_kernel(const DecodeParams& params, cudaStream_t stream) {
+cudaError_t launch_split_kernel(const DecodeParams& params, const DecodeMaps& maps,
+                                cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   constexpr auto kernel = &decode_kernel<Traits>;
   cudaError_t err = opt_in_shared_memory<kernel>(kSmem);
@@ -31,15 +34,37 @@ cudaError_t launch_split_kernel(const DecodeParams& params, cudaStream_t stream)
   const unsigned grid_x = static_cast<unsigned>(blocks_x);
   return launch_grids(params, grid_x, params.nheads_k, params.batch,
                       [&](const DecodeParams& part, dim3 grid) {
-                        kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part);
+                        kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(part, maps);
                       });
+}
+
+// The narrow tile's kernel with the copy engine when the plan asked for it
+// and its maps can describe the caches (16-byte aligned, rows addressable
+// by int32), else with cp.async.
+template <typename Element, int kHeadDim>
+cudaError_t launch_narrow(const DecodeParams& params, cudaStream_t stream) {
+  DecodeMaps maps = {};
+  if constexpr (kHeadDim % kBoxColumns == 0) {
+    const int64_t rows = int64_t(params.num_pages) * params.page_size;
+    const bool fits = params.copy_engine && params.head_dim == kHeadDim && rows > 0 &&
+                      rows <= int64_t{0x7fffffff} &&
+                      reinterpret_cast<uintptr_t>(params.k_ptr) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(params.v_ptr) % 16 == 0;
+    if (fits && encode_decode_maps<Element>(params, &maps) == cudaSuccess) {
+      return launch_split_kernel<DecodeTraits<Element, kHeadDim, true, true>>(params, maps,
+                                                                               stream);
+    }
+  }
+  return launch_split_kernel<DecodeTraits<Element, kHeadDim, true>>(params, maps, stream);
 }
 
 template <typename Element, int kHeadDim>
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
-  cudaError_t err = params.narrow
-                        ? launch_split_kernel<DecodeTraits<Element, kHeadDim, true>>(params, stream)
-                        : launch_split_kernel<DecodeTraits<Element, kHeadDim, false>>(params, stream);
+  cudaError_t err =
+      params.narrow
+          ? launch_narrow<Element, kHeadDim>(params, stream)
+          : launch_split_kernel<DecodeTraits<Element, kHeadDim, false>>(params, DecodeMaps{},
+                                                                         stream);
   if (err != cudaSuccess || params.num_splits == 1) return err;
   static_assert(kHeadDim <= kCombineMaxHeadDim, "the combine kernel's shared sums");
   const int64_t rows = int64_t(params.batch) * params.nheads * params.seqlen_q;

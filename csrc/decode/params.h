@@ -71,6 +71,11 @@ struct DecodeParams {
   // ---- Launch ------------------------------------------------------------------
   int num_splits = 1;   // 1: the kernel writes o and lse itself
   bool narrow = false;  // the tile: decode_tile(head_dim, narrow) (decode/tile.h)
+  // K/V tiles by sm_90's copy engine (decode/tma.h; narrow tiles, head_dim
+  // a multiple of 64 and compiled), boxes of box_rows cache rows: 64, or
+  // the page size of pages shorter than a tile.
+  bool copy_engine = false;
+  int box_rows = 0;
   int m_blocks = 1;     // row blocks of that tile's block_m per K/V head
   // Launch the combine as the split kernel's programmatic dependent
   // (sm_90 and later; decode/launch.h).

@@ -1,7 +1,8 @@
 // Copyright (c) 2026 jax_flash authors. BSD-3-Clause.
 //
-// The sm80 instructions the decode kernels use, one wrapper each: cp.async
-// (global -> shared, 16 B, zero-filling), ldmatrix, mma.sync m16n8k16 with
+// The instructions the decode kernels use, one wrapper each: cp.async
+// (global -> shared, 16 B, zero-filling), sm_90's copy engine (bulk tensor
+// copies on mbarriers), ldmatrix, mma.sync m16n8k16 with
 // float32 accumulators, the fast exp2/tanh, and sm_90's grid dependency
 // control (no-ops on earlier devices). Register layouts are those of
 // the PTX ISA ("Matrix Fragments for mma.m16n8k16"); with g = lane / 4 and
@@ -44,6 +45,72 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ---- The copy engine (sm_90): bulk tensor copies completing on an mbarrier ----
+// Used by the kernels of decode/tma.h only, which the host launches on
+// sm_90 and later; earlier targets compile them to a trap.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define JAX_FLASH_DECODE_COPY_ENGINE 1
+#endif
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+#ifdef JAX_FLASH_DECODE_COPY_ENGINE
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+  // The copy engine (the async proxy) sees the initialised barrier.
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// One arrival that also expects `bytes` more of the barrier's current phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, int bytes) {
+#ifdef JAX_FLASH_DECODE_COPY_ENGINE
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+#endif
+}
+
+// Returns once the barrier's phase of parity `phase` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, int phase) {
+#ifdef JAX_FLASH_DECODE_COPY_ENGINE
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(phase)
+        : "memory");
+  } while (!done);
+#endif
+}
+
+// The box of a 2-D tensor map at (column c0, row c1) into shared memory at
+// dst (1024-byte aligned for the 128-byte swizzle); its bytes complete on
+// `bar`. Boxes past the tensor's edge are zero-filled.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, uint32_t bar, int c0,
+                                            int c1) {
+#ifdef JAX_FLASH_DECODE_COPY_ENGINE
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ void prefetch_tensor_map(const void* map) {
+#ifdef JAX_FLASH_DECODE_COPY_ENGINE
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#endif
+}
+
+// Orders this thread's ordinary shared-memory writes before later copy
+// engine writes to the same bytes (after a barrier between them).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef JAX_FLASH_DECODE_COPY_ENGINE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
 }
 
 // ---- Programmatic dependent launch (sm_90; no-ops before) ----------------------

@@ -76,6 +76,17 @@ constexpr int decode_smem_bytes(int head_dim, bool narrow = false) {
          (narrow ? kPageRowsBytes : 0);
 }
 
+// sm_90's copy engine (decode/tma.h) brings boxes of 64 columns (128
+// bytes, its widest swizzled row) and serves pages that are a multiple of a
+// tile or a divisor of it of at least 8 rows (a box then starts at a
+// multiple of 1024 bytes, which the swizzle needs); contiguous caches
+// (page_size 0 here) always.
+constexpr int kBoxColumns = 64;
+constexpr bool copy_engine_page_size(long long page_size, int block_n) {
+  return page_size == 0 || page_size % block_n == 0 ||
+         (block_n % page_size == 0 && page_size >= 8);
+}
+
 // Split-KV: at most this many splits (the scratch and the combine kernel's
 // loop grow with it), and at least this many keys per split in the
 // automatic choice (below that a split's pipeline fill costs more than its

@@ -108,6 +108,7 @@ nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nh
   d["m_blocks"] = plan.m_blocks;
   d["num_splits"] = plan.num_splits;
   d["blocks_per_sm"] = plan.blocks_per_sm;
+  d["copy_engine"] = plan.copy_engine;
   d["out_accum_shape"] = Shape(plan.out_accum_shape);
   d["lse_accum_shape"] = Shape(plan.lse_accum_shape);
   d["num_sms"] = device.num_sms;

@@ -261,6 +261,9 @@ Status kvcache_fwd(const KVCacheInputs& in, const KVCacheAttrs& attrs, const Ten
   p.window_right = static_cast<int>(std::min<int64_t>(attrs.window_right, never_binds));
   p.num_splits = splits;
   p.narrow = plan.narrow;
+  p.copy_engine = plan.copy_engine;
+  p.box_rows = static_cast<int>(attrs.paged ? std::min<int64_t>(z.page_size, plan.block_n)
+                                            : plan.block_n);
   p.m_blocks = static_cast<int>(plan.m_blocks);
   p.dependent_combine = device.cc_major >= 9;
   const cudaError_t launch =

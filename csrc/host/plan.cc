@@ -93,6 +93,19 @@ std::string forced_variant(int* index) {
          "), got '" + name + "'";
 }
 
+// Whether the decode kernels may copy K/V tiles with the copy engine:
+// JAX_FLASH_DECODE_COPY=tma (where it applies) or cp_async (nowhere), else
+// kCopyEngineByDefault. Read once per process.
+constexpr bool kCopyEngineByDefault = false;
+bool decode_copy_engine_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("JAX_FLASH_DECODE_COPY");
+    const std::string v = value == nullptr ? "" : value;
+    return v == "tma" || (v != "cp_async" && kCopyEngineByDefault);
+  }();
+  return allowed;
+}
+
 }  // namespace
 
 const char* name_of(Family family) {
@@ -293,6 +306,10 @@ std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device
   plan->stages = tile.stages;
   plan->m_blocks = std::max<int64_t>(1, (rows + tile.block_m - 1) / tile.block_m);
   plan->blocks_per_sm = kvcache_blocks_per_sm(*plan, device, pb.page_size);
+  plan->copy_engine = device.cc_major >= 9 && plan->narrow && decode_copy_engine_allowed() &&
+                      plan->kernel_head_dim % decode::kBoxColumns == 0 &&
+                      pb.head_dim == plan->kernel_head_dim &&
+                      decode::copy_engine_page_size(pb.page_size, tile.block_n);
   plan->num_splits = kvcache_num_splits(pb, *plan, device);
   if (plan->num_splits > 1) {
     plan->out_accum_shape = {plan->num_splits, pb.batch, pb.nheads, pb.seqlen_q,

@@ -109,6 +109,11 @@ struct KVCachePlan {
   int64_t m_blocks = 0;     // row blocks per K/V head: ceil(nheads / nheads_k * seqlen_q / block_m)
   int num_splits = 1;       // thread blocks per (sequence, K/V head, row block)
   int blocks_per_sm = 1;    // blocks a SM in the split model's rounds (kvcache_blocks_per_sm)
+  // K/V tiles by sm_90's copy engine (decode/tma.h): narrow tiles of a
+  // compiled head dim that is a multiple of 64, on pages it serves
+  // (copy_engine_page_size), on devices of compute capability 9 and up,
+  // when JAX_FLASH_DECODE_COPY (plan.cc) allows it.
+  bool copy_engine = false;
   // Scratch of num_splits > 1, float32 (empty (0,) otherwise): each split's
   // normalised output (num_splits, batch, nheads, seqlen_q, head_dim_padded)
   // and LSE (num_splits, batch, nheads, seqlen_q).

@@ -85,6 +85,7 @@ class KVCachePlan(NamedTuple):
     kernel_head_dim: int  # the compiled head dim that serves it
     num_splits: int  # thread blocks sharing one sequence's keys (1: no combine)
     blocks_per_sm: int  # blocks a SM holds in the split count's model of rounds
+    copy_engine: bool  # K/V tiles by sm_90's bulk tensor copies (csrc/decode/tma.h)
     m_blocks: int  # row blocks (block_m query rows) per K/V head
     narrow: bool  # the tile: one 16-row slab with a deeper pipeline, or wide
     block_m: int  # query rows per thread block
@@ -126,6 +127,7 @@ def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head
         kernel_head_dim=int(raw["kernel_head_dim"]),
         num_splits=int(raw["num_splits"]),
         blocks_per_sm=int(raw["blocks_per_sm"]),
+        copy_engine=bool(raw["copy_engine"]),
         m_blocks=int(raw["m_blocks"]),
         narrow=bool(raw["narrow"]),
         block_m=int(raw["block_m"]),
