@@ -371,9 +371,13 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const bool stage_rows = Traits::kStagePageRows && !seq.tile_in_one_page;
   if constexpr (kEngine) {
     if (threadIdx.x == 0) {
+      // The swizzle follows shared addresses: boxes must start at multiples
+      // of 1024 bytes (traits.h keeps them there from an aligned base).
+      if (s_kv % 1024 != 0) __trap();
       prefetch_tensor_map(&maps.k);
       prefetch_tensor_map(&maps.v);
       for (int stage = 0; stage < kStages; ++stage) mbarrier_init(s_bar(stage), 1);
+      fence_proxy_async_shared();
     }
     __syncthreads();
   }

@@ -38,21 +38,34 @@ cudaError_t launch_split_kernel(const DecodeParams& params, const DecodeMaps& ma
                       });
 }
 
-// The narrow tile's kernel with the copy engine when the plan asked for it
-// and its maps can describe the caches (16-byte aligned, rows addressable
-// by int32), else with cp.async.
+// Whether the device runs the copy engine's kernel from sm_90 code (a build
+// for earlier targets only holds its trap). Asked once per kernel.
+template <auto kernel>
+bool built_for_copy_engine() {
+  static const bool built = [] {
+    cudaFuncAttributes attributes = {};
+    return cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+           attributes.binaryVersion >= 90;
+  }();
+  return built;
+}
+
+// The narrow tile's kernel with the copy engine when the plan asked for it,
+// the build holds it and its maps can describe the caches (16-byte aligned,
+// rows addressable by int32), else with cp.async.
 template <typename Element, int kHeadDim>
 cudaError_t launch_narrow(const DecodeParams& params, cudaStream_t stream) {
   DecodeMaps maps = {};
   if constexpr (kHeadDim % kBoxColumns == 0) {
+    using Engine = DecodeTraits<Element, kHeadDim, true, true>;
     const int64_t rows = int64_t(params.num_pages) * params.page_size;
-    const bool fits = params.copy_engine && params.head_dim == kHeadDim && rows > 0 &&
+    const bool fits = params.copy_engine && built_for_copy_engine<&decode_kernel<Engine>>() &&
+                      params.head_dim == kHeadDim && rows > 0 &&
                       rows <= int64_t{0x7fffffff} &&
                       reinterpret_cast<uintptr_t>(params.k_ptr) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(params.v_ptr) % 16 == 0;
     if (fits && encode_decode_maps<Element>(params, &maps) == cudaSuccess) {
-      return launch_split_kernel<DecodeTraits<Element, kHeadDim, true, true>>(params, maps,
-                                                                               stream);
+      return launch_split_kernel<Engine>(params, maps, stream);
     }
   }
   return launch_split_kernel<DecodeTraits<Element, kHeadDim, true>>(params, maps, stream);
