@@ -46,6 +46,7 @@ def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
     monkeypatch.delenv("JAX_FLASH_FORCE_VARIANT", raising=False)
     monkeypatch.delenv("JAX_FLASH_KVCACHE_APPEND", raising=False)
     monkeypatch.delenv("JAX_FLASH_KVCACHE_FOLD", raising=False)
+    monkeypatch.delenv("JAX_FLASH_DECODE_COPY", raising=False)
     d = jax_flash.info()
     assert d["kvcache_path"] == info_lib.REFERENCE_PATH
     assert d["settings"] == ["JAX_FLASH_KVCACHE_KERNELS=0"]
@@ -57,6 +58,9 @@ def test_info_reports_the_kvcache_path_and_runtime_settings(monkeypatch):
                                             "JAX_FLASH_KVCACHE_APPEND=1"]
     monkeypatch.setenv("JAX_FLASH_KVCACHE_FOLD", "1")
     assert jax_flash.info()["settings"][-1] == "JAX_FLASH_KVCACHE_FOLD=1"
+    monkeypatch.setenv("JAX_FLASH_DECODE_COPY", "cp_async")
+    assert jax_flash.info()["settings"][-1] == "JAX_FLASH_DECODE_COPY=cp_async"
+    monkeypatch.delenv("JAX_FLASH_DECODE_COPY")
     monkeypatch.delenv("JAX_FLASH_KVCACHE_FOLD")
     monkeypatch.delenv("JAX_FLASH_KVCACHE_APPEND")
     monkeypatch.delenv("JAX_FLASH_KVCACHE_KERNELS")

@@ -25,7 +25,8 @@ FAILING_PATH = "none: calls raise on this GPU (see why)"
 # Environment variables read at run time that change which kernels run
 # (jax_flash/_src/cuda_kvcache.py, csrc/host/plan.cc); reported when set.
 RUNTIME_VARIABLES = ("JAX_FLASH_KVCACHE_KERNELS", "JAX_FLASH_KVCACHE_APPEND",
-                     "JAX_FLASH_KVCACHE_FOLD", "JAX_FLASH_FORCE_VARIANT")
+                     "JAX_FLASH_KVCACHE_FOLD", "JAX_FLASH_DECODE_COPY",
+                     "JAX_FLASH_FORCE_VARIANT")
 # pip distributions whose version tells which CUDA JAX itself runs on.
 _JAX_CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
 
