@@ -230,17 +230,21 @@ COPY_ENGINE_PAGES = [0, 8, 16, 32, 64, 128, 256]
 
 
 def _copy_engine_expected(head_dim, page_size):
+    # By default contiguous caches and pages of a multiple of 64 keys;
+    # JAX_FLASH_DECODE_COPY=tma every page it serves, =cp_async none.
     major = int(str(jax.devices()[0].compute_capability).split(".")[0])
-    return (major >= 9 and head_dim in COPY_ENGINE_HEAD_DIMS and page_size in COPY_ENGINE_PAGES
-            and os.environ.get("JAX_FLASH_DECODE_COPY") == "tma")
+    setting = os.environ.get("JAX_FLASH_DECODE_COPY")
+    pages = (COPY_ENGINE_PAGES if setting == "tma" else [] if setting == "cp_async"
+             else [p for p in COPY_ENGINE_PAGES if p % 64 == 0])
+    return major >= 9 and head_dim in COPY_ENGINE_HEAD_DIMS and page_size in pages
 
 
 @pytest.mark.parametrize("head_dim,page_size", [
     (64, 0), (128, 0), (128, 16), (128, 8), (256, 256), (128, 48), (128, 4), (128, 1), (96, 0),
     (120, 0)])
 def test_the_plan_names_the_copy(head_dim, page_size):
-    # sm_90's copy engine: narrow tiles of d = 64 * k, contiguous caches and
-    # pages of a multiple of 64 or a divisor of it of at least 8.
+    # sm_90's copy engine: narrow tiles of d = 64 * k, on the pages the
+    # setting gives it (_copy_engine_expected).
     skip_if_not_compiled(head_dim)
     plan = plan_module.kvcache_plan_for(2, 1, 32, 8, head_dim, 4096, 0, page_size=page_size)
     assert plan.narrow

@@ -110,9 +110,9 @@ struct KVCachePlan {
   int num_splits = 1;       // thread blocks per (sequence, K/V head, row block)
   int blocks_per_sm = 1;    // blocks a SM in the split model's rounds (kvcache_blocks_per_sm)
   // K/V tiles by sm_90's copy engine (decode/tma.h): narrow tiles of a
-  // compiled head dim that is a multiple of 64, on pages it serves
-  // (copy_engine_page_size), on devices of compute capability 9 and up,
-  // when JAX_FLASH_DECODE_COPY (plan.cc) allows it.
+  // compiled head dim that is a multiple of 64 on devices of compute
+  // capability 9 and up; contiguous caches and pages of a multiple of a
+  // tile, or (JAX_FLASH_DECODE_COPY, plan.cc) every page it serves or none.
   bool copy_engine = false;
   // Scratch of num_splits > 1, float32 (empty (0,) otherwise): each split's
   // normalised output (num_splits, batch, nheads, seqlen_q, head_dim_padded)
