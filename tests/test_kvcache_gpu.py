@@ -240,8 +240,8 @@ def _copy_engine_expected(head_dim, page_size):
 
 
 @pytest.mark.parametrize("head_dim,page_size", [
-    (64, 0), (128, 0), (128, 16), (128, 8), (256, 256), (128, 48), (128, 4), (128, 1), (96, 0),
-    (120, 0)])
+    (64, 0), (64, 16), (128, 0), (128, 16), (128, 8), (256, 256), (128, 48), (128, 4), (128, 1),
+    (96, 0), (120, 0)])
 def test_the_plan_names_the_copy(head_dim, page_size):
     # sm_90's copy engine: narrow tiles of d = 64 * k, on the pages the
     # setting gives it (_copy_engine_expected).
@@ -249,6 +249,8 @@ def test_the_plan_names_the_copy(head_dim, page_size):
     plan = plan_module.kvcache_plan_for(2, 1, 32, 8, head_dim, 4096, 0, page_size=page_size)
     assert plan.narrow
     assert plan.copy_engine == _copy_engine_expected(head_dim, page_size), plan
+    if head_dim == 64:  # the two d=64 tiles (decode/tile.h)
+        assert plan.stages == (6 if plan.copy_engine else 4), plan
 
 
 @pytest.mark.parametrize("page_size", [0, 8, 32, 64, 128])

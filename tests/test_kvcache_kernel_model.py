@@ -141,7 +141,8 @@ def test_split_plan_resident_blocks_by_head_dim():
     # d=64 blocks, and d=128 ones on pages, gain from a second one on the
     # SM: their count fills two a SM.
     plan = extension._C.kvcache_plan
-    h100 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448, dram_gbps=3352)
+    h100 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448, dram_gbps=3352,
+                cc_major=9)
     compiled = extension.compiled_head_dims()
     if 128 not in compiled and 64 not in compiled:
         pytest.skip("needs head dim 64 or 128 compiled")
@@ -173,3 +174,29 @@ def test_split_plan_keeps_two_blocks_where_one_cannot_take_the_bandwidth():
             p = plan(batch, 1, 32, 8, 128, context, 0, **h200, dram_gbps=bandwidth)
             assert p["narrow"] and p["dram_gbps"] == bandwidth and p["blocks_per_sm"] == 2
             assert 132 < batch * 8 * p["num_splits"] <= 264, (bandwidth, batch, context, p)
+
+
+@requires_extension
+def test_d64_tiles_by_copy():
+    # sm_90's copy engine keeps the d=64 tile of 6 stages (two blocks a SM);
+    # pages shorter than a tile, and devices before sm_90, copy by cp.async
+    # with 4 stages: three blocks a SM of 228 KB, two of an A100's 164 KB,
+    # and a tile that fits the 99 KB block of sm_86.
+    if 64 not in extension.compiled_head_dims():
+        pytest.skip("needs head dim 64 compiled")
+    plan = extension._C.kvcache_plan
+    h100 = dict(num_sms=132, smem_per_sm=233472, smem_per_block=232448, dram_gbps=3352,
+                cc_major=9)
+    p = plan(8, 1, 32, 8, 64, 32768, 0, **h100)
+    assert p["narrow"] and p["copy_engine"] and p["stages"] == 6 and p["blocks_per_sm"] == 2
+    for page_size in (1, 16, 48):
+        p = plan(8, 1, 32, 8, 64, 32768, 0, **h100, page_size=page_size)
+        assert p["narrow"] and not p["copy_engine"], page_size
+        assert p["stages"] == 4 and p["blocks_per_sm"] == 3, page_size
+    a100 = dict(num_sms=108, smem_per_sm=167936, smem_per_block=166912, cc_major=8)
+    p = plan(8, 1, 32, 8, 64, 32768, 0, **a100)
+    assert p["narrow"] and not p["copy_engine"] and p["stages"] == 4 and p["blocks_per_sm"] == 2
+    sm86 = dict(num_sms=84, smem_per_sm=102400, smem_per_block=101376, cc_major=8)
+    p = plan(8, 1, 32, 8, 64, 32768, 0, **sm86)
+    assert p["narrow"] and p["blocks_per_sm"] == 1
+    assert not plan(8, 1, 32, 8, 128, 32768, 0, **sm86)["narrow"]

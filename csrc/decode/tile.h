@@ -51,8 +51,15 @@ constexpr int decode_chunk_offset(int head_dim, int row, int chunk) {
 // many stages as fit kNarrowSmemBudget (two blocks per H200 SM), 2 to 8:
 // 3 at d=128 (two tiles in flight instead of one), 6 at d=64, 2 at d=192
 // and d=256 (d=256 then needs 137 KB: one block per SM).
+//
+// The d=64 narrow tile that copies by cp.async (pages shorter than a tile
+// on sm_90, every cache before it) keeps kCpAsyncStagesD64 instead: on an
+// H100 three blocks of 4 stages a SM read pages of 16 5-10% faster than two
+// of 6, where the copy engine's tile of 4 stages read contiguous caches no
+// faster (notes/kernel_experiments.md entry 61).
 constexpr int kNarrowRows = 16;
 constexpr int kNarrowSmemBudget = 110 * 1024;
+constexpr int kCpAsyncStagesD64 = 4;
 constexpr int kDecodeBlockN = 64;  // keys per K/V tile
 
 // Paged caches with pages shorter than a tile: the cache row of each key of
@@ -60,8 +67,11 @@ constexpr int kDecodeBlockN = 64;  // keys per K/V tile
 // tiles only: the wide d=64 tile fills an A100 SM exactly twice without it.
 constexpr int kPageRowsBytes = 2 * kDecodeBlockN * 8;
 
-constexpr DecodeTile decode_tile(int head_dim, bool narrow = false) {
+constexpr DecodeTile decode_tile(int head_dim, bool narrow = false, bool copy_engine = false) {
   if (!narrow) return DecodeTile{kDecodeBlockN, head_dim <= 128 ? 64 : 32, head_dim <= 64 ? 4 : 2};
+  if (head_dim == 64 && !copy_engine) {
+    return DecodeTile{kDecodeBlockN, kNarrowRows, kCpAsyncStagesD64};
+  }
   const int row = decode_smem_row_bytes(head_dim);
   const int stages =
       (kNarrowSmemBudget - kNarrowRows * row - kPageRowsBytes) / (2 * kDecodeBlockN * row);
@@ -70,8 +80,8 @@ constexpr DecodeTile decode_tile(int head_dim, bool narrow = false) {
 
 // Q rows, the staged page rows (narrow), then `stages` K/V tiles (K and V
 // of a tile side by side).
-constexpr int decode_smem_bytes(int head_dim, bool narrow = false) {
-  const DecodeTile t = decode_tile(head_dim, narrow);
+constexpr int decode_smem_bytes(int head_dim, bool narrow = false, bool copy_engine = false) {
+  const DecodeTile t = decode_tile(head_dim, narrow, copy_engine);
   return decode_smem_row_bytes(head_dim) * (t.block_m + 2 * t.stages * t.block_n) +
          (narrow ? kPageRowsBytes : 0);
 }

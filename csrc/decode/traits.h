@@ -18,7 +18,7 @@ struct DecodeTraits {
   // K/V tiles by sm_90's bulk tensor copies (decode/tma.h) instead of
   // cp.async: narrow tiles of head dims that are a multiple of 64.
   static constexpr bool kCopyEngine = kCopyEngine_;
-  static constexpr DecodeTile kTile = decode_tile(kHeadDim, kNarrow);
+  static constexpr DecodeTile kTile = decode_tile(kHeadDim, kNarrow, kCopyEngine);
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kStages = kTile.stages;
@@ -52,7 +52,7 @@ struct DecodeTraits {
   static constexpr int kQUnitBytes = kCopyEngine ? kBlockM * 128 : 128;
   static constexpr int kKVUnitBytes = kCopyEngine ? kBlockN * 128 : 128;
   static constexpr int kStageBytes = 2 * kTileBytes;
-  static constexpr int kSmemBytes = decode_smem_bytes(kHeadDim, kNarrow);
+  static constexpr int kSmemBytes = decode_smem_bytes(kHeadDim, kNarrow, kCopyEngine);
 
   // Epilogue, over the K/V stages once the main loop is done: each warp's
   // 16 x kHeadDim O accumulator (rows padded by 8 floats: a half-warp's

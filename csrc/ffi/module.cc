@@ -76,7 +76,8 @@ nb::dict Plan(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads,
 
 nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nheads_k,
                      int64_t head_dim, int64_t seqlen_cache, int64_t num_splits, int num_sms,
-                     int smem_per_sm, int smem_per_block, int64_t page_size, int dram_gbps) {
+                     int smem_per_sm, int smem_per_block, int64_t page_size, int dram_gbps,
+                     int cc_major) {
   jax_flash::KVCacheProblem pb;
   pb.batch = batch;
   pb.seqlen_q = seqlen_q;
@@ -86,7 +87,7 @@ nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nh
   pb.seqlen_cache = seqlen_cache;
   pb.num_splits = num_splits;
   pb.page_size = page_size;
-  jax_flash::DeviceInfo device{num_sms, smem_per_sm, smem_per_block, dram_gbps};
+  jax_flash::DeviceInfo device{num_sms, smem_per_sm, smem_per_block, dram_gbps, cc_major};
   if (num_sms <= 0) {
     // The tile needs the device's shared memory; the automatic split count
     // its multiprocessors too. Without a device an explicit split count
@@ -115,6 +116,7 @@ nb::dict KVCachePlan(int64_t batch, int64_t seqlen_q, int64_t nheads, int64_t nh
   d["smem_per_sm"] = device.smem_per_sm;
   d["smem_per_block"] = device.smem_per_block;
   d["dram_gbps"] = device.dram_gbps;
+  d["cc_major"] = device.cc_major;
   return d;
 }
 
@@ -164,11 +166,13 @@ NB_MODULE(_C, m) {
         nb::arg("nheads_k"), nb::arg("head_dim"), nb::arg("seqlen_cache"),
         nb::arg("num_splits"), nb::arg("num_sms") = 0, nb::arg("smem_per_sm") = 0,
         nb::arg("smem_per_block") = 0, nb::arg("page_size") = 0, nb::arg("dram_gbps") = 0,
+        nb::arg("cc_major") = 0,
         "The plan of one flash_attn_with_kvcache kernel call (csrc/host/plan.h): padded and "
         "compiled head dim, tile (narrow or wide) and row blocks, the number of splits "
         "(num_splits 0: automatic) and the split scratch shapes, for a device of num_sms "
         "multiprocessors with smem_per_sm / smem_per_block bytes of shared memory "
         "(smem_per_block 0: unknown, the wide tile) and dram_gbps GB/s of DRAM bandwidth "
-        "(0: unknown), or for the current CUDA device when num_sms is 0; page_size: keys "
-        "per page of a paged cache, 0 contiguous.");
+        "(0: unknown) and compute capability cc_major (0: unknown; the copy engine needs 9), "
+        "or for the current CUDA device when num_sms is 0; page_size: keys per page of a "
+        "paged cache, 0 contiguous.");
 }

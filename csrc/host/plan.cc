@@ -254,7 +254,8 @@ int kvcache_blocks_per_sm(const KVCachePlan& plan, const DeviceInfo& device,
   constexpr int kMaxBlocksPerSm = 4;
   constexpr int kOneBlockGBps = 28;  // DRAM GB/s per SM that one such block keeps up with
   const int smem =
-      decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow) + kReservedSmemPerBlock;
+      decode::decode_smem_bytes(plan.kernel_head_dim, plan.narrow, plan.copy_engine) +
+      kReservedSmemPerBlock;
   const int resident = std::clamp(device.smem_per_sm / smem, 1, kMaxBlocksPerSm);
   const bool fills_sm = plan.narrow && plan.kernel_head_dim == 128 && page_size == 0 &&
                         device.dram_gbps > 0 &&
@@ -308,21 +309,26 @@ std::string make_kvcache_plan(const KVCacheProblem& pb, const DeviceInfo& device
            ", page_size " + std::to_string(pb.page_size);
   }
   // The narrow tile when the rows fit one slab and its shared memory fits
-  // the device (sm_86 / sm_89 allow 99 KB a block: the wide tile there, as
-  // on a device that could not be asked).
+  // the device (sm_86 / sm_89 allow 99 KB a block: the wide tile there
+  // above d = 64, as on a device that could not be asked). Its copies: by
+  // the copy engine on sm_90 where decode_copy_engine_serves says so, else
+  // by cp.async; the two d = 64 tiles differ in stages (decode/tile.h).
   const int64_t rows = pb.nheads / pb.nheads_k * pb.seqlen_q;
+  const bool engine = device.cc_major >= 9 &&
+                      plan->kernel_head_dim % decode::kBoxColumns == 0 &&
+                      pb.head_dim == plan->kernel_head_dim &&
+                      decode_copy_engine_serves(pb.page_size, decode::kDecodeBlockN);
   plan->narrow = rows <= decode::kNarrowRows && device.smem_per_block > 0 &&
-                 decode::decode_smem_bytes(plan->kernel_head_dim, true) <= device.smem_per_block;
-  const decode::DecodeTile tile = decode::decode_tile(plan->kernel_head_dim, plan->narrow);
+                 decode::decode_smem_bytes(plan->kernel_head_dim, true, engine) <=
+                     device.smem_per_block;
+  plan->copy_engine = plan->narrow && engine;
+  const decode::DecodeTile tile =
+      decode::decode_tile(plan->kernel_head_dim, plan->narrow, plan->copy_engine);
   plan->block_m = tile.block_m;
   plan->block_n = tile.block_n;
   plan->stages = tile.stages;
   plan->m_blocks = std::max<int64_t>(1, (rows + tile.block_m - 1) / tile.block_m);
   plan->blocks_per_sm = kvcache_blocks_per_sm(*plan, device, pb.page_size);
-  plan->copy_engine = device.cc_major >= 9 && plan->narrow &&
-                      plan->kernel_head_dim % decode::kBoxColumns == 0 &&
-                      pb.head_dim == plan->kernel_head_dim &&
-                      decode_copy_engine_serves(pb.page_size, tile.block_n);
   plan->num_splits = kvcache_num_splits(pb, *plan, device);
   if (plan->num_splits > 1) {
     plan->out_accum_shape = {plan->num_splits, pb.batch, pb.nheads, pb.seqlen_q,

@@ -98,20 +98,23 @@ class KVCachePlan(NamedTuple):
     smem_per_sm: int
     smem_per_block: int
     dram_gbps: int  # 0: unknown
+    cc_major: int  # compute capability's major number; 0: unknown
 
 
 @functools.lru_cache(maxsize=None)
 def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head_dim: int,
                      seqlen_cache: int, num_splits: int, num_sms: int = 0,
                      smem_per_sm: int = 0, smem_per_block: int = 0,
-                     page_size: int = 0, dram_gbps: int = 0) -> KVCachePlan:
+                     page_size: int = 0, dram_gbps: int = 0,
+                     cc_major: int = 0) -> KVCachePlan:
     """`_C.kvcache_plan` for these arguments (see csrc/host/plan.h), cached.
 
     The tile and (num_splits 0) the split count are chosen for num_sms
     multiprocessors with smem_per_sm / smem_per_block bytes of shared memory
-    and dram_gbps GB/s of DRAM bandwidth (0: unknown), or for the current CUDA
-    device (asked from the CUDA runtime) when num_sms is 0; page_size is the
-    keys per page of a paged cache, 0 contiguous.
+    and dram_gbps GB/s of DRAM bandwidth (0: unknown) and compute capability
+    cc_major (0: unknown; sm_90's copy engine needs 9), or for the current
+    CUDA device (asked from the CUDA runtime) when num_sms is 0; page_size is
+    the keys per page of a paged cache, 0 contiguous.
 
     Raises:
       RuntimeError: the extension is absent, or the device could not be asked.
@@ -121,7 +124,7 @@ def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head
         extension.kernels_or_raise()
     raw = extension._C.kvcache_plan(batch, seqlen_q, nheads, nheads_k, head_dim, seqlen_cache,
                                     num_splits, num_sms, smem_per_sm, smem_per_block,
-                                    page_size, dram_gbps)
+                                    page_size, dram_gbps, cc_major)
     return KVCachePlan(
         head_dim_padded=int(raw["head_dim_padded"]),
         kernel_head_dim=int(raw["kernel_head_dim"]),
@@ -139,6 +142,7 @@ def kvcache_plan_for(batch: int, seqlen_q: int, nheads: int, nheads_k: int, head
         smem_per_sm=int(raw["smem_per_sm"]),
         smem_per_block=int(raw["smem_per_block"]),
         dram_gbps=int(raw["dram_gbps"]),
+        cc_major=int(raw["cc_major"]),
     )
 
 
