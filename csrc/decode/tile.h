@@ -54,9 +54,9 @@ constexpr int decode_chunk_offset(int head_dim, int row, int chunk) {
 //
 // The d=64 narrow tile that copies by cp.async (pages shorter than a tile
 // on sm_90, every cache before it) keeps kCpAsyncStagesD64 instead: on an
-// H100 three blocks of 4 stages a SM read pages of 16 5-10% faster than two
-// of 6, where the copy engine's tile of 4 stages read contiguous caches no
-// faster (notes/kernel_experiments.md entry 61).
+// H100 three blocks of 4 stages a SM read pages of 16 1-10% faster (by
+// row) than two of 6, where the copy engine's tile of 4 stages read
+// contiguous caches no faster (notes/kernel_experiments.md entry 61).
 constexpr int kNarrowRows = 16;
 constexpr int kNarrowSmemBudget = 110 * 1024;
 constexpr int kCpAsyncStagesD64 = 4;
