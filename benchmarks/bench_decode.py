@@ -13,7 +13,7 @@ keys (8k, 32k, 128k) for batch 1, 8, 32, 64. Kinds of rows:
              xla            the same, implementation="xla"
              pallas_gqa     jax.experimental.pallas.ops.gpu.decode_attention.gqa
   paged    the same decode on paged caches, page sizes 16, 64, 256, pages in
-           random order: jax_flash (our layout (pages, page_size, 8, H)) and
+           random order (--page-order sequential: each sequence's in order): jax_flash (our layout (pages, page_size, 8, H)) and
            pallas_paged (jax.experimental.pallas.ops.gpu.paged_attention, its
            (8, pages, page_size, H) layout holding the same bytes)
   append   jax_flash appending one new token with rotary (caches donated, so
@@ -99,9 +99,15 @@ def random_inputs(seed, shapes, dtype):
     return [draw(k, s) for k, s in zip(keys, shapes)]
 
 
+PAGE_ORDER = "random"  # --page-order
+
+
 def random_pages(rng, batch, blocks):
-    """A block table of `blocks` pages per sequence, all pages in random order."""
-    return jnp.asarray(rng.permutation(batch * blocks).reshape(batch, blocks), jnp.int32)
+    """A block table of `blocks` pages per sequence, all pages in random order
+    (--page-order sequential: sequence b's pages in order, after b - 1's)."""
+    pages = np.arange(batch * blocks) if PAGE_ORDER == "sequential" else \
+        rng.permutation(batch * blocks)
+    return jnp.asarray(pages.reshape(batch, blocks), jnp.int32)
 
 
 class reference_backend:
@@ -247,6 +253,9 @@ def parse_args():
     p.add_argument("--contexts", default="8192,32768,131072")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--page-sizes", default="16,64,256")
+    p.add_argument("--page-order", default="random", choices=("random", "sequential"),
+                   help="paged rows: the pages of all sequences in random order, or each "
+                        "sequence's in order (locality against page lookups)")
     p.add_argument("--append-tokens", default="1",
                    help="new tokens per append row (query tokens too), e.g. 1,16")
     p.add_argument("--nheads", type=int, default=32)
@@ -274,6 +283,8 @@ def parse_args():
         a.headdims, a.contexts, a.batches, a.page_sizes = "64", "256", "1,2", "16"
         a.nheads, a.nheads_k, a.repeats, a.prefill = 4, 2, 1, "2x32x128"
         a.impls = "jax_flash,jax_flash_ref,xla"
+    global PAGE_ORDER
+    PAGE_ORDER = a.page_order
     a.kinds, a.impls = parse_list(a.kinds, str), parse_list(a.impls, str)
     a.headdims, a.contexts = parse_list(a.headdims), parse_list(a.contexts)
     a.batches, a.page_sizes = parse_list(a.batches), parse_list(a.page_sizes)
@@ -361,7 +372,7 @@ def main():
     a = parse_args()
     path = result_stem(a.out, "decode", a.tag) + ".json"
     result = {**header(), "nheads": a.nheads, "nheads_k": a.nheads_k, "dtype": "bfloat16",
-              "repeats": a.repeats, "num_splits": a.num_splits,
+              "repeats": a.repeats, "num_splits": a.num_splits, "page_order": a.page_order,
               "kernels_enabled": cuda_kvcache.enabled(),
               "append_kernel": cuda_kvcache.append_enabled(), "rows": []}
     gpu = result["gpu"]
