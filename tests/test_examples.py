@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 pytest.importorskip("flax")
@@ -124,6 +125,22 @@ def test_bench_sharded_step_smoke(tmp_path):
     assert max(r["devices"] for r in rows) == 8, out
     for r in rows:  # the partitioning rules: no collective for either split
         assert r["collectives"] == [] and r["ms"] > 0, r
+
+
+def test_bench_decode_page_orders():
+    # --page-order: every page once either way; "sequential" keeps each
+    # sequence's pages in order, after the previous sequence's.
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import numpy as np; "
+            "import bench_decode as b\n"
+            "for order in ('random', 'sequential'):\n"
+            "    b.PAGE_ORDER = order\n"
+            "    print(np.asarray(b.random_pages(np.random.RandomState(0), 3, 5)).tolist())")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert res.returncode == 0, res.stderr
+    shuffled, in_order = (json.loads(line) for line in res.stdout.splitlines()[-2:])
+    assert in_order == np.arange(15).reshape(3, 5).tolist()
+    assert sorted(sum(shuffled, [])) == list(range(15)) and shuffled != in_order
 
 
 def test_bench_decode_smoke(tmp_path):
