@@ -13,8 +13,9 @@ keys (8k, 32k, 128k) for batch 1, 8, 32, 64. Kinds of rows:
              xla            the same, implementation="xla"
              pallas_gqa     jax.experimental.pallas.ops.gpu.decode_attention.gqa
   paged    the same decode on paged caches, page sizes 16, 64, 256, pages in
-           random order (--page-order sequential: each sequence's in order): jax_flash (our layout (pages, page_size, 8, H)) and
-           pallas_paged (jax.experimental.pallas.ops.gpu.paged_attention, its
+           random order (--page-order sequential: each sequence's in order):
+           jax_flash (our layout (pages, page_size, 8, H)) and pallas_paged
+           (jax.experimental.pallas.ops.gpu.paged_attention, its
            (8, pages, page_size, H) layout holding the same bytes)
   append   jax_flash appending one new token with rotary (caches donated, so
            the append is in place and the call carries them on), next to the
@@ -99,14 +100,10 @@ def random_inputs(seed, shapes, dtype):
     return [draw(k, s) for k, s in zip(keys, shapes)]
 
 
-PAGE_ORDER = "random"  # --page-order
-
-
-def random_pages(rng, batch, blocks):
+def random_pages(rng, batch, blocks, order="random"):
     """A block table of `blocks` pages per sequence, all pages in random order
-    (--page-order sequential: sequence b's pages in order, after b - 1's)."""
-    pages = np.arange(batch * blocks) if PAGE_ORDER == "sequential" else \
-        rng.permutation(batch * blocks)
+    (order "sequential": sequence b's pages in order, after b - 1's)."""
+    pages = np.arange(batch * blocks) if order == "sequential" else rng.permutation(batch * blocks)
     return jnp.asarray(pages.reshape(batch, blocks), jnp.int32)
 
 
@@ -129,7 +126,7 @@ class reference_backend:
 # ----------------------------------------------------------------------------
 
 def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtype, seed,
-                num_splits=0):
+                num_splits=0, page_order="random"):
     rng = np.random.RandomState(seed)
     q_shape = (batch, 1, nheads, headdim)
     kv_shape = (batch, context, nheads_k, headdim)
@@ -138,7 +135,7 @@ def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtyp
             blocks = -(-context // page_size)
             q, k, v = random_inputs(seed, [q_shape, (batch * blocks, page_size, nheads_k, headdim),
                                            (batch * blocks, page_size, nheads_k, headdim)], dtype)
-            table = random_pages(rng, batch, blocks)
+            table = random_pages(rng, batch, blocks, page_order)
             fn = lambda q, k, v: jax_flash.flash_attn_with_kvcache(
                 q, k, v, cache_seqlens=context, block_table=table, num_splits=num_splits)
         else:
@@ -161,7 +158,7 @@ def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtyp
         blocks = -(-context // page_size)
         pages = (nheads_k, batch * blocks, page_size, headdim)
         q, k, v = random_inputs(seed, [(batch, nheads, headdim), pages, pages], dtype)
-        table = random_pages(rng, batch, blocks)
+        table = random_pages(rng, batch, blocks, page_order)
         lengths = jnp.full((batch,), context, jnp.int32)
         return (lambda q, k, v: paged_attention.paged_attention(q, k, v, table, lengths)), \
             [(q, k, v)]
@@ -283,8 +280,6 @@ def parse_args():
         a.headdims, a.contexts, a.batches, a.page_sizes = "64", "256", "1,2", "16"
         a.nheads, a.nheads_k, a.repeats, a.prefill = 4, 2, 1, "2x32x128"
         a.impls = "jax_flash,jax_flash_ref,xla"
-    global PAGE_ORDER
-    PAGE_ORDER = a.page_order
     a.kinds, a.impls = parse_list(a.kinds, str), parse_list(a.impls, str)
     a.headdims, a.contexts = parse_list(a.headdims), parse_list(a.contexts)
     a.batches, a.page_sizes = parse_list(a.batches), parse_list(a.page_sizes)
@@ -352,7 +347,7 @@ def run_decode_row(a, impl, batch, context, headdim, page_size, dtype):
     if impl == "jax_flash_ref" and nbytes > REF_MAX_BYTES:
         raise MemoryError(f"skipped: the reference gathers {nbytes / 2**30:.0f} GiB of K/V")
     fn, sets = decode_case(impl, batch, context, a.nheads, a.nheads_k, headdim, page_size,
-                           dtype, a.seed, a.num_splits)
+                           dtype, a.seed, a.num_splits, a.page_order)
     if impl == "jax_flash_ref":
         with reference_backend():
             return bandwidth(fn, sets, nbytes, a.repeats)
