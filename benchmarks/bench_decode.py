@@ -34,18 +34,20 @@ queries of the keys each sees).
 
 Timing and output follow bench_attention.py: jitted, warmed up, median of
 `--repeats` samples of back-to-back calls. Decode and paged rows (not the
-reference) time `--chain` steps (default 8) in one executable, each step's
-output the next step's query: the shortest decode calls (8k keys, batch
-1 and 8) take 40-130 us, not much more than dispatching a jitted call
-from Python, so one call per dispatch times the host with the kernel.
-The chained steps rotate through copies of K/V (other draws) totalling
-at least 256 MB, or as many copies as steps, at most 8 (134 MB for the
-smallest default row, 8k x 1 at d=64), so with 8 steps no step finds its
-K/V still in the L2 cache. `--chain 1` times one call per dispatch, as
-the rows of 2026-12-06 and before were. An implementation that raises
-(unsupported shape, OOM, import error) gets a row with ms=None and the
-reason; rows go to benchmarks/results/<gpu>_<date>_decode[_tag].json after
-every configuration.
+reference) and append rows time `--chain` steps (default 8) in one
+executable, each step's output the next step's query (an append row's
+steps append at the next positions of the caches they carry): the
+shortest decode calls (8k keys, batch 1 and 8) take 40-130 us, not much
+more than dispatching a jitted call from Python, so one call per dispatch
+times the host with the kernel. The chained steps rotate through copies
+of K/V (other draws) totalling at least 256 MB, or as many copies as
+steps, at most 8 (134 MB for the smallest default row, 8k x 1 at d=64),
+so with 8 steps no step finds its K/V still in the L2 cache. `--chain 1`
+times one call per dispatch, as the decode rows of 2026-12-06 and before
+and the append rows of 2026-12-07 and before were. An implementation that
+raises (unsupported shape, OOM, import error) gets a row with ms=None and
+the reason; rows go to benchmarks/results/<gpu>_<date>_decode[_tag].json
+after every configuration.
 
 Usage:
   python benchmarks/bench_decode.py                        # everything (long)
@@ -165,40 +167,59 @@ def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtyp
     raise ValueError(impl)
 
 
-def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats, new_tokens=1):
+def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats, new_tokens=1,
+                steps=1):
     """Median seconds of one appending step with rotary (`new_tokens` query
     tokens and as many new keys, as in speculative decoding), the caches
-    donated and carried from call to call (as a decoding loop does)."""
-    q, k_new, v_new, k_cache, v_cache = random_inputs(
+    donated and carried from call to call (as a decoding loop does). With
+    `steps` > 1 one executable runs that many steps, each step's output the
+    next step's query, rotating through cache copies as the chained decode
+    rows rotate through K/V copies (each copy appended at its next
+    positions), and the time is per step."""
+    nbytes = kv_bytes(batch, context, nheads_k, headdim)
+    copies = kv_copies(nbytes, steps) if steps > 1 else 1
+    rounds = -(-steps // copies)  # appends into one copy
+    if rounds * new_tokens > context:
+        raise ValueError(f"{rounds} appends of {new_tokens} tokens exceed the context {context}")
+    q, k_new, v_new = random_inputs(
         seed, [(batch, new_tokens, nheads, headdim), (batch, new_tokens, nheads_k, headdim),
-               (batch, new_tokens, nheads_k, headdim), (batch, context, nheads_k, headdim),
-               (batch, context, nheads_k, headdim)], dtype)
+               (batch, new_tokens, nheads_k, headdim)], dtype)
+    cache_shape = (batch, context, nheads_k, headdim)
+    caches = [tuple(random_inputs(seed + 1 + j, [cache_shape, cache_shape], dtype))
+              for j in range(copies)]
     angle = jnp.arange(context)[:, None] * jnp.linspace(1e-3, 1, headdim // 2)[None, :]
     cos, sin = jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
-    seqlens = jnp.full((batch,), context - new_tokens, jnp.int32)
+    # A copy's last append fills it: every step reads about `context` keys,
+    # as the decode rows do.
+    seqlens = jnp.full((batch,), context - rounds * new_tokens, jnp.int32)
 
-    def step(k_cache, v_cache, q, k_new, v_new):
-        out, k_cache, v_cache = jax_flash.flash_attn_with_kvcache(
-            q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
-            cache_seqlens=seqlens, causal=True, rotary_interleaved=False)
-        return out, k_cache, v_cache
+    def run(caches, q, k_new, v_new):
+        caches = list(caches)
+        for i in range(steps):
+            j = i % copies
+            out, k_cache, v_cache = jax_flash.flash_attn_with_kvcache(
+                q, *caches[j], k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+                cache_seqlens=seqlens + (i // copies) * new_tokens, causal=True,
+                rotary_interleaved=False)
+            caches[j] = (k_cache, v_cache)
+            q = out.astype(q.dtype)
+        return q, caches
 
-    fn = jax.jit(step, donate_argnums=(0, 1))
-    caches = (k_cache, v_cache)
+    fn = jax.jit(run, donate_argnums=0)
     for _ in range(WARMUP):
-        out, *caches = fn(*caches, q, k_new, v_new)
+        out, caches = fn(caches, q, k_new, v_new)
     jax.block_until_ready(out)
     t0 = time.perf_counter()
-    out, *caches = fn(*caches, q, k_new, v_new)
+    out, caches = fn(caches, q, k_new, v_new)
     jax.block_until_ready(out)
     inner = max(1, min(100, int(TARGET_LOOP_S / max(time.perf_counter() - t0, 1e-6))))
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(inner):
-            out, *caches = fn(*caches, q, k_new, v_new)
+            out, caches = fn(caches, q, k_new, v_new)
         jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
+        samples.append((time.perf_counter() - t0) / inner / steps)
     return statistics.median(samples)
 
 
@@ -399,8 +420,10 @@ def main():
 
                     def append_row(n=n):
                         sec = time_append(batch, context, a.nheads, a.nheads_k, headdim, dtype,
-                                          a.seed, a.repeats, n)
-                        return sec, {"gbps": shape["kv_bytes"] / sec / 1e9}
+                                          a.seed, a.repeats, n, a.chain)
+                        copies = kv_copies(shape["kv_bytes"], a.chain) if a.chain > 1 else 1
+                        return sec, {"gbps": shape["kv_bytes"] / sec / 1e9, "chain": a.chain,
+                                     "kv_copies": copies}
 
                     record(result, path, row, append_row)
     if "prefill" in a.kinds:

@@ -143,7 +143,7 @@ def test_bench_decode_page_orders():
 
 
 def test_bench_decode_smoke(tmp_path):
-    out = run("benchmarks/bench_decode.py", "--smoke", "--kinds", "decode,paged",
+    out = run("benchmarks/bench_decode.py", "--smoke", "--kinds", "decode,paged,append",
               "--num-splits", "2", "--out", str(tmp_path))
     (path,) = tmp_path.glob("*_decode.json")
     result = json.loads(path.read_text())
@@ -151,7 +151,7 @@ def test_bench_decode_smoke(tmp_path):
     rows = result["rows"]
     assert {(r["kind"], r["impl"]) for r in rows} == {
         ("decode", "jax_flash"), ("decode", "jax_flash_ref"), ("decode", "xla"),
-        ("paged", "jax_flash")}, out
+        ("paged", "jax_flash"), ("append", "jax_flash_append_rotary")}, out
     for r in rows:
         assert r["ms"] and r["gbps"] > 0, r
         if r["impl"] == "jax_flash_ref":  # one call per dispatch
@@ -162,7 +162,8 @@ def test_bench_decode_smoke(tmp_path):
     # a GB/s column per (kind, implementation, page size), no cuDNN ratio.
     table = run("benchmarks/results_table.py", str(path)).splitlines()
     assert table[0] == ("| d | context | batch | decode jax_flash GB/s | decode jax_flash_ref GB/s"
-                        " | decode xla GB/s | paged jax_flash 16 GB/s | jax_flash / cudnn |"), table
+                        " | decode xla GB/s | paged jax_flash 16 GB/s"
+                        " | append jax_flash_append_rotary 1 GB/s | jax_flash / cudnn |"), table
     assert [line.split(" | ")[:3] for line in table[2:]] == [["| 64", "256", "1"],
                                                              ["| 64", "256", "2"]], table
     assert all(line.endswith("| - |") for line in table[2:]), table
