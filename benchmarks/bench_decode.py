@@ -102,7 +102,7 @@ def random_inputs(seed, shapes, dtype):
     return [draw(k, s) for k, s in zip(keys, shapes)]
 
 
-def random_pages(rng, batch, blocks, order="random"):
+def page_table(rng, batch, blocks, order="random"):
     """A block table of `blocks` pages per sequence, all pages in random order
     (order "sequential": sequence b's pages in order, after b - 1's)."""
     pages = np.arange(batch * blocks) if order == "sequential" else rng.permutation(batch * blocks)
@@ -137,7 +137,7 @@ def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtyp
             blocks = -(-context // page_size)
             q, k, v = random_inputs(seed, [q_shape, (batch * blocks, page_size, nheads_k, headdim),
                                            (batch * blocks, page_size, nheads_k, headdim)], dtype)
-            table = random_pages(rng, batch, blocks, page_order)
+            table = page_table(rng, batch, blocks, page_order)
             fn = lambda q, k, v: jax_flash.flash_attn_with_kvcache(
                 q, k, v, cache_seqlens=context, block_table=table, num_splits=num_splits)
         else:
@@ -160,7 +160,7 @@ def decode_case(impl, batch, context, nheads, nheads_k, headdim, page_size, dtyp
         blocks = -(-context // page_size)
         pages = (nheads_k, batch * blocks, page_size, headdim)
         q, k, v = random_inputs(seed, [(batch, nheads, headdim), pages, pages], dtype)
-        table = random_pages(rng, batch, blocks, page_order)
+        table = page_table(rng, batch, blocks, page_order)
         lengths = jnp.full((batch,), context, jnp.int32)
         return (lambda q, k, v: paged_attention.paged_attention(q, k, v, table, lengths)), \
             [(q, k, v)]
@@ -238,7 +238,7 @@ def prefill_case(impl, seqs, new, context, nheads, nheads_k, headdim, dtype, see
         q, k, v = random_inputs(seed, [(seqs * new, nheads, headdim),
                                        (seqs * blocks, page, nheads_k, headdim),
                                        (seqs * blocks, page, nheads_k, headdim)], dtype)
-        table = random_pages(rng, seqs, blocks)
+        table = page_table(rng, seqs, blocks)
         used = jnp.full((seqs,), keys, jnp.int32)
         fn = lambda q, k, v: jax_flash.flash_attn_varlen_func(
             q, k, v, cu_q, None, new, keys, causal=True, block_table=table, seqused_k=used)

@@ -133,7 +133,7 @@ def test_bench_decode_page_orders():
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import numpy as np; "
             "import bench_decode as b\n"
             "for order in ('random', 'sequential'):\n"
-            "    print(np.asarray(b.random_pages(np.random.RandomState(0), 3, 5, order)).tolist())")
+            "    print(np.asarray(b.page_table(np.random.RandomState(0), 3, 5, order)).tolist())")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=TIMEOUT_S)
     assert res.returncode == 0, res.stderr
