@@ -20,7 +20,9 @@ pytest.importorskip("optax")
 import jax_flash  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 300  # a safety net for a hung run; each takes 10-30 s on 2 cores
+# A safety net for a hung run: on 2 cores most runs take 10-30 s,
+# bench_decode.py's smoke run about 100 s.
+TIMEOUT_S = 300
 
 
 def run(script, *args):
