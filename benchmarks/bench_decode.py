@@ -175,9 +175,8 @@ def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats,
     `steps` > 1 one executable runs that many steps, each step's output the
     next step's query, rotating through cache copies as the chained decode
     rows rotate through K/V copies (each copy appended at its next
-    positions), and the time is per step."""
-    nbytes = kv_bytes(batch, context, nheads_k, headdim)
-    copies = kv_copies(nbytes, steps) if steps > 1 else 1
+    positions), and the time is per step. Returns it and the copies."""
+    copies = kv_copies(kv_bytes(batch, context, nheads_k, headdim), steps)
     rounds = -(-steps // copies)  # appends into one copy
     if rounds * new_tokens > context:
         raise ValueError(f"{rounds} appends of {new_tokens} tokens exceed the context {context}")
@@ -220,7 +219,7 @@ def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats,
             out, caches = fn(caches, q, k_new, v_new)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / inner / steps)
-    return statistics.median(samples)
+    return statistics.median(samples), copies
 
 
 # ----------------------------------------------------------------------------
@@ -419,9 +418,8 @@ def main():
                                new_tokens=n)
 
                     def append_row(n=n):
-                        sec = time_append(batch, context, a.nheads, a.nheads_k, headdim, dtype,
-                                          a.seed, a.repeats, n, a.chain)
-                        copies = kv_copies(shape["kv_bytes"], a.chain) if a.chain > 1 else 1
+                        sec, copies = time_append(batch, context, a.nheads, a.nheads_k,
+                                                  headdim, dtype, a.seed, a.repeats, n, a.chain)
                         return sec, {"gbps": shape["kv_bytes"] / sec / 1e9, "chain": a.chain,
                                      "kv_copies": copies}
 
