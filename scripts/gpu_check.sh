@@ -53,7 +53,8 @@ elif has build; then
   so=$(cd /tmp && $PY -c "import jax_flash._C as c; print(c.__file__)")
   echo "== extension: $(du -m "$so" | cut -f1) MB, $(grep -o '[0-9]* kernels in [0-9]* files' "$OUT/build.log" | head -1)"
   cuobjdump --dump-resource-usage "$so" 2>/dev/null | grep -E "Function|REG" | paste - - |
-    sed -E 's/.*attn_(fwd|bwd)_kernel.*TraitsIN7cutlass([0-9a-z_]+)ELi([0-9]+)E.*ELb([01])ELb([01])ELb([01])ELb([01])E.*REG:([0-9]+) STACK:[0-9]+ SHARED:[0-9]+ LOCAL:([0-9]+).*/\1 \2 hdim=\3 local=\4 mods=\5 dropout=\6 segs=\7 REG=\8 LOCAL=\9/' |
+    sed -E -e 's/.*attn_(fwd|bwd)_kernel.*TraitsIN7cutlass([0-9a-z_]+)ELi([0-9]+)E.*ELb([01])ELb([01])ELb([01])ELb([01])E.*REG:([0-9]+) STACK:[0-9]+ SHARED:[0-9]+ LOCAL:([0-9]+).*/\1 \2 hdim=\3 local=\4 mods=\5 dropout=\6 segs=\7 REG=\8 LOCAL=\9/' \
+      -e 's/.*decode_kernel.*DecodeTraitsI[0-9]+([_a-z0-9]+)Li([0-9]+)ELb([01])ELb([01])E.*REG:([0-9]+) STACK:[0-9]+ SHARED:[0-9]+ LOCAL:([0-9]+).*/decode \1 hdim=\2 narrow=\3 engine=\4 REG=\5 LOCAL=\6/' |
     sort -u | tee "$OUT/resources.txt"
 fi
 
