@@ -91,6 +91,7 @@ if "--smoke" in sys.argv:
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
@@ -201,16 +202,20 @@ def single_fn(q, k, v):
     return jax_flash.flash_attn_func(q, k, v, causal=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _normal_draw(shapes, sharding):
+    """Jitted keys -> bf16 random-normal arrays of `shapes`, laid out by
+    `sharding`; one per (shapes, sharding), so each compiles once a run."""
+    def draw(keys):
+        return tuple(jax.random.normal(k, shape, jnp.bfloat16) for k, shape in zip(keys, shapes))
+    return jax.jit(draw, out_shardings=(sharding,) * len(shapes))
+
+
 def make_inputs(seed, batch, seqlen, nheads, nheads_k, headdim, sharding, n_sets=2):
     """n_sets random-normal (q, k, v, d_out) sets, created already sharded."""
-    shapes = [(batch, seqlen, h, headdim) for h in (nheads, nheads_k, nheads_k, nheads)]
-    sets = []
-    for s in range(n_sets):
-        keys = jax.random.split(jax.random.key(seed + s), 4)
-        make = lambda keys: tuple(jax.random.normal(kk, shape, jnp.bfloat16)  # noqa: E731
-                                  for kk, shape in zip(keys, shapes))
-        sets.append(jax.jit(make, out_shardings=(sharding,) * 4)(keys))
-    return sets
+    shapes = tuple((batch, seqlen, h, headdim) for h in (nheads, nheads_k, nheads_k, nheads))
+    draw = _normal_draw(shapes, sharding)
+    return [draw(jax.random.split(jax.random.key(seed + s), 4)) for s in range(n_sets)]
 
 
 _COLLECTIVE = re.compile(r"\b(all-gather|all-to-all|collective-permute|all-reduce|"
