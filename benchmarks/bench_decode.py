@@ -180,7 +180,8 @@ def time_append(batch, context, nheads, nheads_k, headdim, dtype, seed, repeats,
     `steps` > 1 one executable runs that many steps, each step's output the
     next step's query, rotating through cache copies as the chained decode
     rows rotate through K/V copies (each copy appended at its next
-    positions), and the time is per step. Returns it and the copies."""
+    positions), and the time is per step. Returns that time and the number
+    of cache copies."""
     copies = kv_copies(kv_bytes(batch, context, nheads_k, headdim), steps)
     rounds = -(-steps // copies)  # appends into one copy
     if rounds * new_tokens > context:
