@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from jax_flash._src import kvcache as kvcache_lib
 from jax_flash._src.backend import run_kvcache
 
@@ -106,7 +108,11 @@ def flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
         cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
         rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
-    out, lse, k_cache, v_cache = run_kvcache(spec, (q, k_cache, v_cache, k, v), operands)
+    if spec.batch == 0:  # nothing to attend to or append: no kernel, no empty gather
+        _, seqlen_q, nheads, _ = q.shape
+        out, lse = jnp.zeros(q.shape, q.dtype), jnp.zeros((0, nheads, seqlen_q), jnp.float32)
+    else:
+        out, lse, k_cache, v_cache = run_kvcache(spec, (q, k_cache, v_cache, k, v), operands)
     result = (out, lse) if spec.return_lse else (out,)
     if spec.append:
         result += (k_cache, v_cache)

@@ -57,6 +57,8 @@ def test_shape_mismatch_errors():
     q3, k3, v3 = _qkv(h=4, hk=3)
     with pytest.raises(ValueError, match=r"nheads of q \(4\) must be a multiple of nheads of k/v \(3\)"):
         jax_flash.flash_attn_func(q3, k3, v3)
+    with pytest.raises(ValueError, match=r"q must have nheads >= 1, got q \(2, 17, 0, 32\)"):
+        jax_flash.flash_attn_func(q[:, :, :0], k, v)
 
 
 def test_packed_shape_errors():

@@ -3,6 +3,7 @@ NumPy loop, paged vs contiguous caches, the clamping rules, jit/vmap and every
 validation message."""
 
 import dataclasses
+import functools
 import math
 import types
 
@@ -681,6 +682,10 @@ ERRORS = [
     (dict(k=jnp.zeros((3, 49, 2, HEAD_DIM), f16), v=jnp.zeros((3, 49, 2, HEAD_DIM), f16),
           rotary_cos=None, rotary_sin=None), ValueError,
      r"k must have seqlen_new <= seqlen_cache \(48\)"),
+    (dict(k=jnp.zeros((3, 0, 2, HEAD_DIM), f16), v=jnp.zeros((3, 0, 2, HEAD_DIM), f16)),
+     ValueError, r"k and v must have seqlen_new >= 1 when given, got k \(3, 0, 2, 32\)"),
+    (dict(q=jnp.zeros((3, 2, 0, HEAD_DIM), f16)), ValueError,
+     r"q must have nheads >= 1, got q \(3, 2, 0, 32\)"),
     (dict(cache_seqlens=None), ValueError, r"cache_seqlens must be given when k/v are"),
     (dict(cache_seqlens=jnp.zeros((3,), jnp.int64) if jax.config.jax_enable_x64
           else np.zeros((3,), np.int64)), TypeError,
@@ -779,3 +784,14 @@ def test_jit_paged_traced_block_table():
     fn = jax.jit(lambda c: flash_attn_with_kvcache(**c, window_size=(9, 0),
                                                    return_softmax_lse=True))
     check(paged, res=fn({n: jnp.asarray(x) for n, x in paged.items()}), window_size=(9, 0))
+
+
+def test_batch_zero_returns_empty_results_and_the_caches():
+    base = _base()
+    case = {n: (x[:0] if n in ("q", "k_cache", "v_cache", "cache_seqlens", "k", "v") else x)
+            for n, x in base.items()}
+    out, lse, k_cache, v_cache = jax.jit(functools.partial(
+        flash_attn_with_kvcache, return_softmax_lse=True, causal=True))(**case)
+    assert out.shape == (0, 1, 4, HEAD_DIM) and out.dtype == case["q"].dtype
+    assert lse.shape == (0, 4, 1) and lse.dtype == jnp.float32
+    assert k_cache.shape == v_cache.shape == (0, 48, 2, HEAD_DIM)

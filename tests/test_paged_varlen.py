@@ -143,3 +143,8 @@ def test_errors():
         call(q, kc, vc[0], cu, None, 3, 5, block_table=table, seqused_k=seqused)
     with pytest.raises(ValueError, match="q must have rank 3"):
         call(q[None], kc, vc, cu, None, 3, 5, block_table=table, seqused_k=seqused)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32, got int16"):
+        call(q, kc, vc, cu.astype(jnp.int16), None, 3, 5, block_table=table, seqused_k=seqused)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must have shape \(batch \+ 1,\), "
+                                         r"got \(1, 3\)"):
+        call(q, kc, vc, cu[None], None, 3, 5, block_table=table, seqused_k=seqused)

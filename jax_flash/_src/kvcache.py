@@ -132,6 +132,8 @@ def _caches(q, k_cache, v_cache, block_table, names=("k_cache", "v_cache")):
         raise ValueError(f"{k_name} must have headdim {head_dim} like q, "
                          f"got {k_name} {shape_str(k_cache)}")
     nheads_k = k_cache.shape[2]
+    if nheads < 1:
+        raise ValueError(f"q must have nheads >= 1, got q {shape_str(q)}")
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise ValueError(
             f"nheads of q ({nheads}) must be a multiple of nheads of {k_name}/{v_name} "
@@ -168,6 +170,8 @@ def _new_kv(q, k_cache, k, v) -> int:
     if k.shape != expected:
         raise ValueError(f"k must have shape {layout} = {expected} (batch from q, nheads_k and "
                          f"headdim from k_cache), got {shape_str(k)}")
+    if k.shape[1] < 1:  # nothing to append: pass k=None, v=None
+        raise ValueError(f"k and v must have seqlen_new >= 1 when given, got k {shape_str(k)}")
     return k.shape[1]
 
 

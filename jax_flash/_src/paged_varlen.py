@@ -37,10 +37,14 @@ def run(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, max_seqlen_k, *, block_
     if not hasattr(q, "shape") or q.ndim != 3:
         raise ValueError(f"q must have rank 3 (total_q, nheads, headdim), got "
                          f"{shape_str(q) if hasattr(q, 'shape') else type(q).__name__}")
-    if not hasattr(cu_seqlens_q, "dtype") or cu_seqlens_q.dtype != jnp.int32 \
-            or cu_seqlens_q.ndim != 1 or cu_seqlens_q.shape[0] < 1:
+    if not hasattr(cu_seqlens_q, "dtype"):
         raise TypeError(f"cu_seqlens_q must be an int32 array (batch + 1,), got "
-                        f"{shape_str(cu_seqlens_q) if hasattr(cu_seqlens_q, 'shape') else cu_seqlens_q!r}")
+                        f"{type(cu_seqlens_q).__name__}")
+    if cu_seqlens_q.dtype != jnp.int32:
+        raise TypeError(f"cu_seqlens_q must be int32, got {cu_seqlens_q.dtype}")
+    if cu_seqlens_q.ndim != 1 or cu_seqlens_q.shape[0] < 1:
+        raise ValueError(f"cu_seqlens_q must have shape (batch + 1,), got "
+                         f"{shape_str(cu_seqlens_q)}")
     batch = cu_seqlens_q.shape[0] - 1
     if seqused_k is None:
         raise ValueError("seqused_k must be given with block_table (the keys of each "

@@ -121,6 +121,8 @@ def qkv(q, k, v) -> None:
             f"k and v must have headdim {head_dim} like q {shape_str(q)}, got k {shape_str(k)}"
         )
     nheads_k = k.shape[2]
+    if nheads < 1:
+        raise ValueError(f"q must have nheads >= 1, got q {shape_str(q)}")
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise ValueError(
             f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k})"
